@@ -1,0 +1,246 @@
+"""The build's steps as plain functions of small references (store URL, ids).
+
+The Prefect flow maps these over rooms, RIRs and shards; a plain loop (:func:`build_serial`)
+calls the same functions, which is how the library is tested without an orchestrator and how
+the orchestration overhead is measured. Each step is idempotent: running it again after a crash
+redoes only what is not recorded as done.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .corpus import AudioError, load_utterance, scan_corpus
+from .manifest import Manifest
+from .plan import Plan, make_plan
+from .render import render_pair
+from .rir_bank import RirBank, get_or_calibrate, get_or_simulate
+from .stft import stft
+from .store import BUILD_DIR, DatasetStore, encode, package_versions
+
+THREAD_VARIABLES = ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def limit_threads() -> None:
+    """One thread per worker: pyroomacoustics and BLAS otherwise start one per core each,
+    and oversubscription made STFTs 10-70x slower on these machines."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = "1"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def default_rir_cache(store_url: str) -> str:
+    return f"{store_url.rstrip('/')}/{BUILD_DIR}/rir_bank"
+
+
+def prepare_build(manifest: Manifest, store_url: str) -> Plan:
+    """Scan the corpus, plan every example, and create (or check) the store for the plan."""
+    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate)
+    plan = make_plan(manifest, utterances, quarantined)
+    if not plan.examples:
+        raise AudioError(
+            f"no usable utterances: {len(quarantined)} file(s) quarantined, e.g. "
+            + "; ".join(q.reason for q in quarantined[:3])
+        )
+    DatasetStore(store_url).prepare(plan)
+    return plan
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_from_text(digest: str, text: str) -> Plan:
+    return Plan.from_json(text)
+
+
+def load_plan(store_url: str) -> Plan:
+    """The store's plan, rebuilt once per process (tasks pass only the store URL)."""
+    text = DatasetStore(store_url).read_text(f"{BUILD_DIR}/plan.json")
+    return _plan_from_text(hashlib.sha256(text.encode()).hexdigest(), text)
+
+
+def rooms_to_calibrate(plan: Plan) -> list[str]:
+    """One RIR id per room in use: calibrating it calibrates the room."""
+    first: dict[str, str] = {}
+    for rir_id, spec in plan.rirs.items():
+        first.setdefault(spec.room.room_id, rir_id)
+    return [first[room] for room in sorted(first)]
+
+
+def calibrate_room_step(store_url: str, rir_id: str, rir_cache: str) -> bool:
+    """Calibrate the absorption of ``rir_id``'s room; True if it was computed now."""
+    spec = load_plan(store_url).rirs[rir_id]
+    _, computed = get_or_calibrate(RirBank(rir_cache), spec)
+    return computed
+
+
+def simulate_rir_step(store_url: str, rir_id: str, rir_cache: str) -> bool:
+    """Simulate one RIR into the bank unless present; True if it was simulated now."""
+    spec = load_plan(store_url).rirs[rir_id]
+    _, _, simulated = get_or_simulate(RirBank(rir_cache), spec)
+    return simulated
+
+
+@dataclass
+class ShardResult:
+    shard_id: int
+    rendered: bool
+    examples: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardResult:
+    """Render every example of a shard, write the shard whole, then mark it done."""
+    plan = load_plan(store_url)
+    shard = plan.shards[shard_id]
+    store = DatasetStore(store_url)
+    if store.shard_is_done(shard_id, shard.fingerprint):
+        return ShardResult(shard_id, False, len(shard.example_ids))
+    manifest = plan.manifest
+    bank = RirBank(rir_cache)
+    frames = manifest.storage.frames_per_shard
+    n_freq = plan.stft.n_freq
+    blocks = {name: np.zeros((frames, n_freq), np.complex64) for name in ("rev", "clean")}
+    timing: Counter[str] = Counter()
+    rows = []
+    for example_id in shard.example_ids:
+        example = plan.example(example_id)
+        t0 = time.perf_counter()
+        rir, rir_labels, _ = get_or_simulate(bank, plan.rirs[example.rir_id])
+        t1 = time.perf_counter()
+        utterance = plan.utterances[example.utterance_id]
+        downmix = getattr(manifest.corpus, "downmix", "mean")
+        audio = load_utterance(utterance, manifest.sample_rate, downmix)
+        rendered = render_pair(audio, rir, manifest, example.num_samples, example.rms_dbfs)
+        t2 = time.perf_counter()
+        start = example.frame_offset - shard.frame_start
+        stop = start + example.frame_count
+        blocks["rev"][start:stop] = stft(rendered.reverberant, plan.stft)
+        blocks["clean"][start:stop] = stft(rendered.clean, plan.stft)
+        t3 = time.perf_counter()
+        timing.update({"rir": t1 - t0, "render": t2 - t1, "stft": t3 - t2})
+        rows.append(
+            {
+                "example_id": example_id,
+                "gain": rendered.gain,
+                "clean_gain": rendered.clean_gain,
+                "direct_index": rendered.direct_index,
+                "gain_limited": rendered.gain_limited,
+                **{k: rir_labels[k] for k in ("rt60_t20", "rt60_t30", "drr_db", "c50_db")},
+                "distance_m": rir_labels["distance_m"],
+                "simulation": rir_labels["simulation"],
+            }
+        )
+    t4 = time.perf_counter()
+    dtype = manifest.storage.dtype
+    store.write_labels(shard_id, rows)
+    store.write_shard(
+        shard_id,
+        shard.frame_start,
+        encode(blocks["rev"], dtype),
+        encode(blocks["clean"], dtype),
+        shard.fingerprint,
+    )
+    timing["write"] = time.perf_counter() - t4
+    return ShardResult(shard_id, True, len(rows), dict(timing))
+
+
+INDEX_STRING_COLUMNS = ("example_id", "split", "utterance_id", "speaker", "rir_id", "room_id")
+INDEX_INT_COLUMNS = ("variant", "frame_offset", "frame_count", "num_samples", "shard",
+                     "direct_index")
+INDEX_FLOAT_COLUMNS = ("gain", "clean_gain", "rms_dbfs", "rt60_t20", "rt60_t30", "drr_db",
+                       "c50_db", "distance_m", "target_rt60")
+
+
+def finalize_step(store_url: str) -> dict:
+    """Write the index, the shard checksums and the build report; mark the store complete."""
+    plan = load_plan(store_url)
+    store = DatasetStore(store_url)
+    missing = [s.shard_id for s in plan.shards if not store.shard_is_done(s.shard_id, s.fingerprint)]
+    if missing:
+        raise RuntimeError(f"{store_url}: shards {missing[:10]} are not done; run the build again")
+    labels = {row["example_id"]: row for s in plan.shards for row in store.read_labels(s.shard_id)}
+    columns: dict[str, list] = {name: [] for name in
+                                (*INDEX_STRING_COLUMNS, *INDEX_INT_COLUMNS, *INDEX_FLOAT_COLUMNS)}
+    columns["gain_limited"] = []
+    for example in plan.examples:
+        row = {**example.__dict__, **labels[example.example_id]}
+        row["target_rt60"] = plan.rirs[example.rir_id].room.target_rt60
+        for name in columns:
+            value = row[name]
+            columns[name].append(np.nan if value is None and name in INDEX_FLOAT_COLUMNS else value)
+    arrays = {
+        **{name: np.asarray(columns[name], dtype=str) for name in INDEX_STRING_COLUMNS},
+        **{name: np.asarray(columns[name], dtype=np.int64) for name in INDEX_INT_COLUMNS},
+        **{name: np.asarray(columns[name], dtype=np.float64) for name in INDEX_FLOAT_COLUMNS},
+        "gain_limited": np.asarray(columns["gain_limited"], dtype=bool),
+    }
+    checksums = [store.marker(s.shard_id).checksum for s in plan.shards]  # type: ignore[union-attr]
+    report = build_report(plan, arrays, store)
+    attrs = {
+        "manifest": plan.manifest.model_dump(mode="json"),
+        "manifest_sha256": plan.manifest.digest(),
+        "versions": package_versions(),
+        "n_examples": len(plan.examples),
+        "summary": report["summary"],
+    }
+    store.write_index(arrays, checksums, attrs)
+    store._write_text(f"{BUILD_DIR}/report.json", json.dumps(report, indent=2, default=float))
+    return report
+
+
+def _distribution(values: np.ndarray) -> dict:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {}
+    q = np.percentile(values, [0, 10, 50, 90, 100])
+    return {k: round(float(v), 3) for k, v in zip(("min", "p10", "median", "p90", "max"), q)}
+
+
+def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) -> dict:
+    manifest = plan.manifest
+    rt60 = index["rt60_t30"]
+    in_range = None
+    if manifest.rooms.rt60_s is not None:
+        low, high = manifest.rooms.rt60_s
+        in_range = round(float(np.mean((rt60 >= low) & (rt60 <= high))), 4)
+    summary = {
+        **plan.summary(),
+        "rt60_t30_s": _distribution(rt60),
+        "rt60_in_requested_range": in_range,
+        "drr_db": _distribution(index["drr_db"]),
+        "c50_db": _distribution(index["c50_db"]),
+        "distance_m": _distribution(index["distance_m"]),
+        "gain_limited": int(index["gain_limited"].sum()),
+        "clipped_sources": sum("clipped" in u.flags for u in plan.utterances.values()),
+        "size_on_disk_bytes": store.size_bytes(),
+    }
+    return {
+        "summary": summary,
+        "quarantined": [{"file": q.source, "reason": q.reason} for q in plan.quarantined],
+        "clipped": [u.source for u in plan.utterances.values() if "clipped" in u.flags],
+    }
+
+
+def build_serial(manifest: Manifest, store_url: str, rir_cache: str | None = None) -> dict:
+    """The whole build in one process, in a plain loop: same steps as the flow, no Prefect."""
+    rir_cache = rir_cache or default_rir_cache(store_url)
+    plan = prepare_build(manifest, store_url)
+    for rir_id in rooms_to_calibrate(plan):
+        calibrate_room_step(store_url, rir_id, rir_cache)
+    for rir_id in sorted(plan.rirs):
+        simulate_rir_step(store_url, rir_id, rir_cache)
+    for shard in plan.shards:
+        render_shard_step(store_url, shard.shard_id, rir_cache)
+    return finalize_step(store_url)

@@ -1,0 +1,452 @@
+"""The dataset manifest: one YAML file that says everything a build does.
+
+Validated with pydantic before any work starts. Every error names the field (as a dotted path),
+and unknown keys get a "did you mean" suggestion, because a typo in a key must never silently
+fall back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+OCTAVE_BANDS_HZ = (125, 250, 500, 1000, 2000, 4000)
+SPEED_OF_SOUND = 343.0
+# Eyring's formula with these absorption bounds gives the RT60 range a room can reach.
+MIN_ABSORPTION, MAX_ABSORPTION = 0.01, 0.95
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be built; the message names the file and each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def _check_range(value: tuple[float, float], what: str) -> tuple[float, float]:
+    low, high = value
+    if low > high:
+        raise ValueError(f"{what} range [{low}, {high}] has its minimum above its maximum")
+    return value
+
+
+class SpeakerRule(_Strict):
+    """How a file's speaker id is found from its path relative to the corpus root."""
+
+    kind: Literal["parent_dir", "regex", "filename_prefix"] = "parent_dir"
+    level: int = Field(1, ge=1, description="parent_dir: 1 = the file's folder, 2 = its parent")
+    regex: str | None = Field(None, description="regex: the first group is the speaker id")
+    separator: str = Field("_", min_length=1, description="filename_prefix: text before it")
+
+    @model_validator(mode="after")
+    def _regex_given(self) -> SpeakerRule:
+        if self.kind == "regex":
+            if not self.regex:
+                raise ValueError("kind 'regex' needs a 'regex' with one capture group")
+            import re
+
+            try:
+                compiled = re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from exc
+            if compiled.groups < 1:
+                raise ValueError(f"regex {self.regex!r} needs a capture group for the speaker")
+        return self
+
+
+class DemoCorpus(_Strict):
+    kind: Literal["demo"]
+    speakers: int = Field(6, ge=1, le=6)
+    utterances_per_speaker: int = Field(4, ge=1, le=1000)
+
+
+class FolderCorpus(_Strict):
+    kind: Literal["folder"]
+    path: str = Field(description="root folder of the corpus (or an absolute path)")
+    pattern: str = Field("**/*.wav", description="glob relative to path; several: 'a|b'")
+    speaker: SpeakerRule = SpeakerRule()
+    downmix: Literal["mean", "first"] = "mean"
+    min_duration_s: float = Field(0.5, gt=0)
+    max_duration_s: float = Field(30.0, gt=0)
+    limit: int | None = Field(None, ge=1, description="use only the first N files (sorted)")
+
+    @model_validator(mode="after")
+    def _durations(self) -> FolderCorpus:
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError("min_duration_s must be below max_duration_s")
+        return self
+
+
+class Absorption(_Strict):
+    """Frequency-dependent absorption, per octave band 125 Hz .. 4 kHz.
+
+    ``profile``: relative band shapes (one picked per room); the overall level is calibrated so
+    the measured RT60 lands in ``rooms.rt60_s``.  ``materials``: pyroomacoustics material names
+    per surface group, scaled to the RT60 target when one is given.
+    """
+
+    kind: Literal["profile", "materials"] = "profile"
+    profiles: dict[str, tuple[float, float, float, float, float, float]] = {
+        "flat": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
+        "soft_highs": (0.5, 0.7, 1.0, 1.2, 1.4, 1.5),
+        "boomy": (1.4, 1.2, 1.0, 0.9, 0.8, 0.8),
+    }
+    materials: list[dict[Literal["walls", "floor", "ceiling"], str]] = []
+    jitter: float = Field(0.1, ge=0, lt=1, description="per-surface random scale, +/- fraction")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Absorption:
+        if self.kind == "profile":
+            if not self.profiles:
+                raise ValueError("kind 'profile' needs at least one entry in 'profiles'")
+            for name, shape in self.profiles.items():
+                if any(v <= 0 for v in shape):
+                    raise ValueError(f"profile {name!r} must be positive in every band")
+        else:
+            if not self.materials:
+                raise ValueError("kind 'materials' needs at least one entry in 'materials'")
+            from pyroomacoustics.parameters import materials_data
+
+            known = {
+                name
+                for group in materials_data.values()
+                if isinstance(group, dict)
+                for sub in group.values()
+                if isinstance(sub, dict)
+                for name in sub
+            }
+            for entry in self.materials:
+                for surface, name in entry.items():
+                    if name not in known:
+                        hint = difflib.get_close_matches(name, sorted(known), n=1)
+                        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                        raise ValueError(f"unknown material {name!r} for {surface}{extra}")
+        return self
+
+
+class Rooms(_Strict):
+    rooms_per_split: dict[Literal["train", "valid", "test"], int] = {
+        "train": 8,
+        "valid": 2,
+        "test": 2,
+    }
+    positions_per_room: int = Field(3, ge=1, le=10_000)
+    length_m: tuple[PositiveFloat, PositiveFloat] = (4.0, 10.0)
+    width_m: tuple[PositiveFloat, PositiveFloat] = (3.0, 8.0)
+    height_m: tuple[PositiveFloat, PositiveFloat] = (2.5, 4.0)
+    rt60_s: tuple[PositiveFloat, PositiveFloat] | None = (0.3, 1.0)
+    absorption: Absorption = Absorption()
+    source_height_m: tuple[PositiveFloat, PositiveFloat] = (1.2, 1.9)
+    mic_height_m: tuple[PositiveFloat, PositiveFloat] = (0.8, 1.5)
+    distance_m: tuple[PositiveFloat, PositiveFloat] = (0.5, 3.0)
+    wall_margin_m: float = Field(0.5, ge=0.05)
+
+    @field_validator(
+        "length_m",
+        "width_m",
+        "height_m",
+        "rt60_s",
+        "source_height_m",
+        "mic_height_m",
+        "distance_m",
+    )
+    @classmethod
+    def _ordered(cls, value: Any, info: Any) -> Any:
+        return value if value is None else _check_range(value, info.field_name)
+
+    @field_validator("rooms_per_split")
+    @classmethod
+    def _counts(cls, value: dict[str, int]) -> dict[str, int]:
+        for split, count in value.items():
+            if count < 1:
+                raise ValueError(f"{split}: at least one room per split is needed, got {count}")
+        return value
+
+    @model_validator(mode="after")
+    def _geometry_fits(self) -> Rooms:
+        margin = self.wall_margin_m
+        for name, (low, _) in (("width_m", self.width_m), ("length_m", self.length_m)):
+            if low <= 2 * margin:
+                raise ValueError(
+                    f"{name}: the smallest room ({low} m) leaves no space inside "
+                    f"wall_margin_m={margin} m on both sides"
+                )
+        for name, (_, high) in (
+            ("source_height_m", self.source_height_m),
+            ("mic_height_m", self.mic_height_m),
+        ):
+            if high > self.height_m[0] - margin:
+                raise ValueError(
+                    f"{name}: {high} m does not fit under the lowest ceiling "
+                    f"({self.height_m[0]} m) with wall_margin_m={margin} m"
+                )
+        # The farthest two points can be apart in the smallest room, away from the walls.
+        dx = self.length_m[0] - 2 * margin
+        dy = self.width_m[0] - 2 * margin
+        dz = max(
+            abs(self.source_height_m[1] - self.mic_height_m[0]),
+            abs(self.mic_height_m[1] - self.source_height_m[0]),
+        )
+        reach = math.sqrt(dx * dx + dy * dy + dz * dz)
+        if self.distance_m[0] > reach:
+            raise ValueError(
+                f"distance_m: the minimum source-microphone distance {self.distance_m[0]} m does "
+                f"not fit in the smallest room ({self.length_m[0]} x {self.width_m[0]} m, "
+                f"at most {reach:.2f} m between points {margin} m from the walls)"
+            )
+        if self.absorption.kind == "profile" and self.rt60_s is None:
+            raise ValueError("rt60_s: absorption kind 'profile' needs an RT60 range to calibrate")
+        if self.rt60_s is not None:
+            self._check_rt60_reachable()
+        return self
+
+    def _check_rt60_reachable(self) -> None:
+        low, high = self.rt60_s  # type: ignore[misc]
+        # The largest room has the longest minimum RT60; the smallest the shortest maximum.
+        largest = (self.length_m[1], self.width_m[1], self.height_m[1])
+        smallest = (self.length_m[0], self.width_m[0], self.height_m[0])
+        shortest_in_largest = eyring_rt60(largest, MAX_ABSORPTION)
+        longest_in_smallest = eyring_rt60(smallest, MIN_ABSORPTION)
+        if low < shortest_in_largest:
+            raise ValueError(
+                f"rt60_s: {low} s cannot be produced by the largest room {largest} m (at least "
+                f"{shortest_in_largest:.2f} s even with absorption {MAX_ABSORPTION}); raise the "
+                "RT60 minimum or shrink the rooms"
+            )
+        if high > longest_in_smallest:
+            raise ValueError(
+                f"rt60_s: {high} s cannot be produced by the smallest room {smallest} m (at most "
+                f"{longest_in_smallest:.2f} s with absorption {MIN_ABSORPTION}); lower the RT60 "
+                "maximum or enlarge the rooms"
+            )
+
+
+def eyring_rt60(dims: tuple[float, float, float], absorption: float) -> float:
+    """Eyring reverberation time of a shoebox with uniform absorption."""
+    lx, ly, lz = dims
+    volume = lx * ly * lz
+    surface = 2 * (lx * ly + lx * lz + ly * lz)
+    return 0.161 * volume / (-surface * math.log(1.0 - absorption))
+
+
+class Simulation(_Strict):
+    """``auto`` uses the image method for short tails and ISM + ray tracing above a threshold."""
+
+    method: Literal["auto", "ism", "hybrid"] = "auto"
+    hybrid_above_rt60_s: float = Field(0.35, gt=0)
+    ism_order_hybrid: int = Field(3, ge=0, le=20)
+    n_rays: int = Field(2000, ge=100)
+    max_ism_order: int = Field(
+        60, ge=1, description="pure ISM above this order is refused: use hybrid"
+    )
+    calibration_iterations: int = Field(3, ge=0, le=10)
+    rt60_tolerance: float = Field(0.05, gt=0, lt=0.5)
+
+
+class Target(_Strict):
+    kind: Literal["direct", "early"] = "direct"
+    early_ms: float | None = Field(None, description="window after the direct peak, kind early")
+
+    @model_validator(mode="after")
+    def _window(self) -> Target:
+        if self.kind == "early":
+            if self.early_ms is None:
+                raise ValueError("early_ms: kind 'early' needs a window in milliseconds")
+            if not 0 < self.early_ms <= 500:
+                raise ValueError(f"early_ms: must be in (0, 500] ms, got {self.early_ms}")
+        elif self.early_ms is not None:
+            raise ValueError("early_ms: only meaningful with kind 'early'")
+        return self
+
+
+class Level(_Strict):
+    """Scale each pair so the reverberant input has a random RMS level, never clipping."""
+
+    mode: Literal["rms", "none"] = "rms"
+    rms_dbfs: tuple[float, float] = (-30.0, -20.0)
+    peak_limit: float = Field(0.99, gt=0, le=1.0)
+
+    @field_validator("rms_dbfs")
+    @classmethod
+    def _levels(cls, value: tuple[float, float]) -> tuple[float, float]:
+        _check_range(value, "rms_dbfs")
+        if value[1] > 0:
+            raise ValueError(f"rms_dbfs: levels must be at most 0 dBFS, got {value[1]}")
+        return value
+
+
+class Render(_Strict):
+    tail_ms: float = Field(250.0, ge=0, description="samples kept after the utterance ends")
+
+
+class Stft(_Strict):
+    n_fft: int = Field(512, ge=16, le=8192)
+    hop: int = Field(128, ge=1)
+    window: Literal["hann", "sqrt-hann"] = "hann"
+
+    @model_validator(mode="after")
+    def _hop(self) -> Stft:
+        if self.hop > self.n_fft:
+            raise ValueError(f"hop: {self.hop} is longer than n_fft {self.n_fft}")
+        if self.n_fft % self.hop:
+            raise ValueError(f"hop: n_fft {self.n_fft} must be a multiple of hop {self.hop}")
+        return self
+
+
+class Storage(_Strict):
+    dtype: Literal["complex64", "float16"] = "complex64"
+    frames_per_chunk: int = Field(512, ge=1)
+    frames_per_shard: int = Field(8192, ge=1)
+    compressor: Literal["zstd", "none"] = "zstd"
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Storage:
+        if self.frames_per_shard % self.frames_per_chunk:
+            raise ValueError(
+                f"frames_per_shard: {self.frames_per_shard} must be a multiple of "
+                f"frames_per_chunk {self.frames_per_chunk}"
+            )
+        return self
+
+
+class Splits(_Strict):
+    train: float = Field(0.8, ge=0, le=1)
+    valid: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> Splits:
+        total = self.train + self.valid + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"split fractions must add up to 1, got {total:g}")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in SPLIT_NAMES if getattr(self, name) > 0}
+
+
+class Manifest(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(ge=0)
+    sample_rate: int = Field(16000, ge=8000, le=96000)
+    corpus: Annotated[DemoCorpus | FolderCorpus, Field(discriminator="kind")]
+    variants_per_utterance: int = Field(2, ge=1, le=1000)
+    rooms: Rooms = Rooms()
+    simulation: Simulation = Simulation()
+    target: Target = Target()
+    level: Level = Level()
+    render: Render = Render()
+    stft: Stft = Stft()
+    storage: Storage = Storage()
+    splits: Splits = Splits()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Manifest:
+        for split in self.splits.fractions():
+            if split not in self.rooms.rooms_per_split:
+                raise ValueError(
+                    f"rooms.rooms_per_split: split {split!r} has a fraction but no rooms"
+                )
+        longest_delay_ms = 1000 * self.rooms.distance_m[1] / SPEED_OF_SOUND + 10.0
+        if self.render.tail_ms < longest_delay_ms:
+            raise ValueError(
+                f"render.tail_ms: {self.render.tail_ms} ms cannot hold the direct-path delay of "
+                f"the farthest source ({longest_delay_ms:.0f} ms incl. the simulator's filter)"
+            )
+        return self
+
+    def digest(self) -> str:
+        """Stable hash of the validated content (not of the YAML text or its comments)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: the manifest is not valid ({error.error_count()} problem(s)):"]
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"] if not str(p).startswith(("function-after", "tagged"))]
+        # Drop the discriminator tag pydantic inserts in the path ("corpus.demo.speakers").
+        if len(loc) >= 2 and loc[0] == "corpus" and loc[1] in ("demo", "folder"):
+            loc.pop(1)
+        where = ".".join(loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}{_suggestion(item)}"
+            where = ".".join(loc[:-1]) or "(top level)"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            # Model-level checks start their message with the field they are about.
+            field, sep, rest = message.partition(": ")
+            if sep and field.isidentifier() and field.islower():
+                where, message = f"{where}.{field}" if loc else field, rest
+        lines.append(f"  - {where}: {message}")
+    return "\n".join(lines)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Pydantic models named by a field annotation, through Optional/Union/Annotated/dict."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _suggestion(item: dict[str, Any]) -> str:
+    models: list[type[BaseModel]] = [Manifest]
+    for part in item["loc"][:-1]:
+        if part in ("demo", "folder"):
+            continue
+        fields = [m.model_fields[str(part)] for m in models if str(part) in m.model_fields]
+        models = [model for field in fields for model in _models_in(field.annotation)]
+    candidates = sorted({name for model in models for name in model.model_fields})
+    close = difflib.get_close_matches(str(item["loc"][-1]), candidates, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
+    """Validate a parsed YAML mapping; raise :class:`ManifestError` naming every bad field."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: expected a mapping at the top level, got {type(data)}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_format_errors(source, exc)) from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a YAML manifest file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    manifest = parse_manifest(data, str(path))
+    if isinstance(manifest.corpus, FolderCorpus):
+        corpus_path = Path(manifest.corpus.path).expanduser()
+        if not corpus_path.is_absolute():
+            # Relative corpus paths are relative to the manifest, not to the working directory.
+            corpus_path = (path.parent / corpus_path).resolve()
+        corpus = manifest.corpus.model_copy(update={"path": str(corpus_path)})
+        manifest = manifest.model_copy(update={"corpus": corpus})
+    return manifest

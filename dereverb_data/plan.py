@@ -1,0 +1,267 @@
+"""The build plan: every example's parameters, decided before any audio is touched.
+
+A plan is a pure function of the validated manifest and the corpus scan. Every random choice is
+drawn from a generator seeded by a hash of (manifest seed, what, which item), so the plan does
+not depend on the order of files, the number of workers, or what a resumed build redoes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .corpus import Quarantined, Utterance
+from .manifest import SPLIT_NAMES, Manifest
+from .rir_bank import RirSpec
+from .rooms import Placement, RoomSpec, sample_placement, sample_room
+from .seeds import derive_seed, rng_for, stable_hash
+from .stft import StftConfig
+
+RENDER_REVISION = 1  # bump when rendering changes its output for the same inputs
+
+
+@dataclass(frozen=True)
+class Example:
+    example_id: str
+    split: str
+    utterance_id: str
+    speaker: str
+    variant: int
+    room_id: str
+    rir_id: str
+    rms_dbfs: float | None
+    num_samples: int
+    frame_count: int
+    shard: int
+    frame_offset: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: int
+    frame_start: int
+    example_ids: tuple[str, ...]
+    fingerprint: str
+
+
+@dataclass
+class Plan:
+    manifest: Manifest
+    utterances: dict[str, Utterance]
+    quarantined: list[Quarantined]
+    rooms: dict[str, RoomSpec]
+    rirs: dict[str, RirSpec]
+    examples: list[Example]
+    shards: list[Shard]
+    speaker_splits: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stft(self) -> StftConfig:
+        s = self.manifest.stft
+        return StftConfig(s.n_fft, s.hop, s.window)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.shards) * self.manifest.storage.frames_per_shard
+
+    def example(self, example_id: str) -> Example:
+        return self._by_id()[example_id]
+
+    def _by_id(self) -> dict[str, Example]:
+        if not hasattr(self, "_index"):
+            self._index = {e.example_id: e for e in self.examples}
+        return self._index
+
+    def to_json(self) -> str:
+        """What is needed to rebuild the plan: manifest and corpus scan (rest is derived)."""
+        return json.dumps(
+            {
+                "manifest": self.manifest.model_dump(mode="json"),
+                "utterances": [u.to_dict() for u in self.utterances.values()],
+                "quarantined": [asdict(q) for q in self.quarantined],
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        manifest = Manifest.model_validate(data["manifest"])
+        utterances = [
+            Utterance(**{**u, "flags": tuple(u["flags"])}) for u in data["utterances"]
+        ]
+        quarantined = [Quarantined(**q) for q in data["quarantined"]]
+        return make_plan(manifest, utterances, quarantined)
+
+    def summary(self) -> dict:
+        per_split = Counter(e.split for e in self.examples)
+        seconds = sum(e.num_samples for e in self.examples) / self.manifest.sample_rate
+        return {
+            "examples": len(self.examples),
+            "examples_per_split": dict(sorted(per_split.items())),
+            "utterances": len(self.utterances),
+            "speakers_per_split": dict(sorted(Counter(self.speaker_splits.values()).items())),
+            "rooms": len(self.rooms),
+            "unique_rirs": len(self.rirs),
+            "hours": round(seconds / 3600, 4),
+            "shards": len(self.shards),
+            "frames": self.n_frames,
+            "quarantined": len(self.quarantined),
+        }
+
+
+def assign_speaker_splits(speakers: list[str], manifest: Manifest) -> dict[str, str]:
+    """Speaker-disjoint splits: shuffle speakers by hash, cut by fractions (largest remainder).
+
+    Every split with a positive fraction gets at least one speaker when there are enough.
+    """
+    fractions = manifest.splits.fractions()
+    order = sorted(speakers, key=lambda s: derive_seed(manifest.seed, "speaker", s))
+    n = len(order)
+    names = list(fractions)
+    exact = np.array([fractions[name] * n for name in names])
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    if n >= len(names):
+        for i in range(len(names)):
+            if counts[i] == 0:
+                donor = int(np.argmax(counts))
+                counts[donor] -= 1
+                counts[i] += 1
+    splits: dict[str, str] = {}
+    start = 0
+    for name, count in zip(names, counts, strict=True):
+        for speaker in order[start : start + count]:
+            splits[speaker] = name
+        start += count
+    return splits
+
+
+def make_plan(
+    manifest: Manifest,
+    utterances: list[Utterance],
+    quarantined: list[Quarantined] | None = None,
+) -> Plan:
+    """Decide every example: split, room, placement, level, and where it lives in the store."""
+    quarantined = list(quarantined or [])
+    stft = StftConfig(manifest.stft.n_fft, manifest.stft.hop, manifest.stft.window)
+    tail = int(round(manifest.render.tail_ms * manifest.sample_rate / 1000))
+    shard_frames = manifest.storage.frames_per_shard
+    usable: list[Utterance] = []
+    for utt in sorted(utterances, key=lambda u: u.utterance_id):
+        frames = stft.n_frames(utt.num_samples + tail)
+        if frames > shard_frames:
+            quarantined.append(
+                Quarantined(
+                    utt.source,
+                    f"{utt.source}: {frames} STFT frames do not fit in one shard "
+                    f"(storage.frames_per_shard = {shard_frames}); raise it or shorten the file",
+                )
+            )
+            continue
+        usable.append(utt)
+
+    speaker_splits = assign_speaker_splits(sorted({u.speaker for u in usable}), manifest)
+    rooms_cfg = manifest.rooms
+    rooms: dict[str, RoomSpec] = {}
+    placements: dict[str, list[Placement]] = {}
+    for split in manifest.splits.fractions():
+        for i in range(rooms_cfg.rooms_per_split[split]):
+            room = sample_room(rooms_cfg, manifest.seed, split, i)
+            rooms[room.room_id] = room
+            placements[room.room_id] = [
+                sample_placement(rooms_cfg, room, manifest.seed, j)
+                for j in range(rooms_cfg.positions_per_room)
+            ]
+
+    render_config = _render_config(manifest)
+    rirs: dict[str, RirSpec] = {}
+    drafts = []
+    split_rank = {name: i for i, name in enumerate(SPLIT_NAMES)}
+    for utt in sorted(usable, key=lambda u: (split_rank[speaker_splits[u.speaker]], u.utterance_id)):
+        split = speaker_splits[utt.speaker]
+        split_rooms = [r for r in rooms.values() if r.split == split]
+        for variant in range(manifest.variants_per_utterance):
+            rng = rng_for(manifest.seed, "example", split, utt.utterance_id, variant)
+            room = split_rooms[int(rng.integers(len(split_rooms)))]
+            placement = placements[room.room_id][int(rng.integers(rooms_cfg.positions_per_room))]
+            rms = None
+            if manifest.level.mode == "rms":
+                rms = round(float(rng.uniform(*manifest.level.rms_dbfs)), 3)
+            spec = RirSpec(room, placement, manifest.sample_rate, manifest.simulation)
+            rirs.setdefault(spec.rir_id, spec)
+            num_samples = utt.num_samples + tail
+            fingerprint = stable_hash(
+                [utt.content_hash, utt.num_samples, spec.rir_id, rms, render_config], 24
+            )
+            drafts.append(
+                (utt, split, variant, room.room_id, spec.rir_id, rms, num_samples, fingerprint)
+            )
+
+    examples, shards = _pack(drafts, stft, shard_frames)
+    return Plan(manifest, {u.utterance_id: u for u in usable}, quarantined, rooms, rirs,
+                examples, shards, speaker_splits)
+
+
+def _render_config(manifest: Manifest) -> dict:
+    return {
+        "sample_rate": manifest.sample_rate,
+        "target": manifest.target.model_dump(mode="json"),
+        "level": manifest.level.model_dump(mode="json"),
+        "render": manifest.render.model_dump(mode="json"),
+        "stft": manifest.stft.model_dump(mode="json"),
+        "dtype": manifest.storage.dtype,
+        "revision": RENDER_REVISION,
+    }
+
+
+def _pack(drafts: list, stft: StftConfig, shard_frames: int) -> tuple[list[Example], list[Shard]]:
+    """Fill shards in plan order with whole examples; the rest of a shard is zero padding.
+
+    Lengths do not depend on the room, so changing rooms never moves an example to another
+    shard: an incremental rebuild rewrites only the shards whose examples changed.
+    """
+    examples: list[Example] = []
+    groups: list[list[Example]] = [[]]
+    used = 0
+    for utt, split, variant, room_id, rir_id, rms, num_samples, fingerprint in drafts:
+        frames = stft.n_frames(num_samples)
+        if used + frames > shard_frames:
+            groups.append([])
+            used = 0
+        shard = len(groups) - 1
+        example = Example(
+            example_id=f"{utt.utterance_id}#{variant}",
+            split=split,
+            utterance_id=utt.utterance_id,
+            speaker=utt.speaker,
+            variant=variant,
+            room_id=room_id,
+            rir_id=rir_id,
+            rms_dbfs=rms,
+            num_samples=num_samples,
+            frame_count=frames,
+            shard=shard,
+            frame_offset=shard * shard_frames + used,
+            fingerprint=fingerprint,
+        )
+        groups[-1].append(example)
+        examples.append(example)
+        used += frames
+    if not examples:
+        return [], []
+    shards = [
+        Shard(
+            shard_id=i,
+            frame_start=i * shard_frames,
+            example_ids=tuple(e.example_id for e in group),
+            fingerprint=stable_hash([(e.fingerprint, e.frame_offset) for e in group], 24),
+        )
+        for i, group in enumerate(groups)
+    ]
+    return examples, shards

@@ -1,0 +1,273 @@
+"""Room impulse responses: simulate each unique spec once, keep it addressed by its hash.
+
+Simulation is 100-1000x the cost of rendering, so the bank is the build's cache. Keys hash the
+room physics, the placement, the sample rate, the simulation settings and the simulator version;
+a changed room distribution simulates only new specs. Entries are written to a temporary name
+and renamed, so a crash never leaves a half-written RIR that looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import fsspec
+import numpy as np
+
+from .acoustics import measure_rir
+from .manifest import OCTAVE_BANDS_HZ, Simulation
+from .rooms import SURFACES, Placement, RoomSpec
+from .seeds import derive_seed, stable_hash
+
+SIMULATOR_REVISION = 1  # bump when our use of the simulator changes its output
+
+
+def simulator_version() -> str:
+    import pyroomacoustics
+
+    return f"pyroomacoustics-{pyroomacoustics.__version__}+dereverb{SIMULATOR_REVISION}"
+
+
+class SimulationError(RuntimeError):
+    """The simulator cannot produce an RIR for this spec."""
+
+
+@dataclass(frozen=True)
+class RirSpec:
+    room: RoomSpec
+    placement: Placement
+    sample_rate: int
+    simulation: Simulation
+
+    @property
+    def rir_id(self) -> str:
+        return stable_hash(
+            [
+                self.room.spec_hash,
+                asdict(self.placement),
+                self.sample_rate,
+                self.simulation.model_dump(mode="json"),
+                simulator_version(),
+            ],
+            length=20,
+        )
+
+    def method(self, absorption_scale: float) -> tuple[str, int]:
+        """Which simulator and ISM order: pure ISM at the order the tail needs, or hybrid."""
+        sim = self.simulation
+        if sim.method == "hybrid":
+            return "hybrid", sim.ism_order_hybrid
+        order = _ism_order(self.room, absorption_scale)
+        if sim.method == "ism":
+            if order > sim.max_ism_order:
+                raise SimulationError(
+                    f"room {self.room.room_id}: pure ISM needs order {order} > max_ism_order "
+                    f"{sim.max_ism_order} (capping it would truncate the tail); use hybrid"
+                )
+            return "ism", order
+        target = self.room.target_rt60 or 0.0
+        if target > sim.hybrid_above_rt60_s or order > sim.max_ism_order:
+            return "hybrid", sim.ism_order_hybrid
+        return "ism", order
+
+
+def _ism_order(room: RoomSpec, scale: float) -> int:
+    """The order pyroomacoustics' Sabine inversion asks for at this absorption."""
+    lx, ly, lz = room.dims
+    volume = lx * ly * lz
+    areas = (ly * lz, ly * lz, lx * lz, lx * lz, lx * ly, lx * ly)
+    sabine_units = sum(
+        a * min(0.99, scale * np.mean(c[2:4])) for a, c in zip(areas, room.absorption, strict=True)
+    )
+    rt60 = 0.161 * volume / sabine_units
+    return int(np.ceil(343.0 * rt60 / min(room.dims) / 2.0)) + 1
+
+
+def _materials(room: RoomSpec, scale: float) -> dict:
+    import pyroomacoustics as pra
+
+    return {
+        surface: pra.Material(
+            energy_absorption={
+                "coeffs": [float(min(0.99, max(0.01, scale * c))) for c in coeffs],
+                "center_freqs": list(OCTAVE_BANDS_HZ),
+            }
+        )
+        for surface, coeffs in zip(SURFACES, room.absorption, strict=True)
+    }
+
+
+def simulate(
+    spec: RirSpec, absorption_scale: float, placement: Placement | None = None
+) -> np.ndarray:
+    """One RIR from pyroomacoustics, deterministic for a given spec (seeded, one thread).
+
+    With ``placement`` (calibration) the seed depends on the room only, not on which of its
+    placements asked first, so a room calibrates the same in any build order.
+    """
+    import pyroomacoustics as pra
+
+    os.environ.setdefault("PRA_NUM_THREADS", "1")
+    placement = placement or spec.placement
+    method, order = spec.method(absorption_scale)
+    # Ray tracing draws random rays from a package-global generator: seed it from the spec so
+    # the same spec gives the same RIR in any process and any order.
+    seed_key = spec.rir_id if placement is spec.placement else calibration_key(spec)
+    pra.random.seed(derive_seed(seed_key, asdict(placement), absorption_scale) % 2**32)
+    room = pra.ShoeBox(
+        list(spec.room.dims),
+        fs=spec.sample_rate,
+        materials=_materials(spec.room, absorption_scale),
+        max_order=order,
+        air_absorption=True,
+        ray_tracing=method == "hybrid",
+    )
+    if method == "hybrid":
+        room.set_ray_tracing(n_rays=spec.simulation.n_rays, receiver_radius=0.5)
+    room.add_source(list(placement.source))
+    room.add_microphone(list(placement.mic))
+    room.compute_rir()
+    rir = np.asarray(room.rir[0][0], dtype=np.float32)
+    if not np.all(np.isfinite(rir)) or not np.any(rir):
+        raise SimulationError(f"room {spec.room.room_id}: the simulator returned an empty RIR")
+    return rir
+
+
+def reference_placement(room: RoomSpec) -> Placement:
+    """A fixed placement used to calibrate a room's absorption (independent of the draws)."""
+    lx, ly, lz = room.dims
+    return Placement(
+        (round(0.3 * lx, 3), round(0.35 * ly, 3), round(min(1.5, 0.6 * lz), 3)),
+        (round(0.65 * lx, 3), round(0.6 * ly, 3), round(min(1.2, 0.45 * lz), 3)),
+    )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    scale: float
+    measured_rt60: float
+    iterations: int
+
+
+def calibrate_room(spec: RirSpec) -> Calibration:
+    """Find the absorption scale whose *measured* T30 matches the room's RT60 target.
+
+    Starts from Eyring/Sabine (which overshoots in simulation) and corrects by the measured
+    ratio, since RT60 is close to inversely proportional to absorption.
+    """
+    room = spec.room
+    if room.target_rt60 is None:
+        rir = simulate(spec, 1.0, reference_placement(room))
+        return Calibration(1.0, measure_rir(rir, spec.sample_rate).rt60_t30, 0)
+    lx, ly, lz = room.dims
+    volume, surface = lx * ly * lz, 2 * (lx * ly + lx * lz + ly * lz)
+    mean_mid = float(np.mean([np.mean(c[2:4]) for c in room.absorption]))
+    scale = (0.161 * volume / (surface * room.target_rt60)) / mean_mid
+    measured = float("nan")
+    iterations = 0
+    for iterations in range(1, spec.simulation.calibration_iterations + 2):
+        rir = simulate(spec, scale, reference_placement(room))
+        measured = measure_rir(rir, spec.sample_rate).rt60_t30
+        if not np.isfinite(measured):
+            break
+        error = measured / room.target_rt60
+        if abs(error - 1.0) <= spec.simulation.rt60_tolerance:
+            break
+        scale = float(np.clip(scale * error, 0.05 / mean_mid, 0.99 / mean_mid))
+    return Calibration(round(scale, 6), measured, iterations)
+
+
+class RirBank:
+    """Content-addressed RIR cache at a local path or any fsspec URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def _path(self, kind: str, key: str, suffix: str) -> str:
+        return f"{self.root}/{kind}/{key[:2]}/{key}{suffix}"
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{id(data)}"
+        with self.fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        self.fs.mv(tmp, path)
+
+    def has_rir(self, rir_id: str) -> bool:
+        return self.fs.exists(self._path("rir", rir_id, ".npz"))
+
+    def load_rir(self, rir_id: str) -> tuple[np.ndarray, dict]:
+        with self.fs.open(self._path("rir", rir_id, ".npz"), "rb") as handle:
+            archive = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+            return archive["rir"], json.loads(str(archive["labels"]))
+
+    def save_rir(self, rir_id: str, rir: np.ndarray, labels: dict) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, rir=rir.astype(np.float32), labels=np.array(json.dumps(labels)))
+        self._write_atomic(self._path("rir", rir_id, ".npz"), buffer.getvalue())
+
+    def load_calibration(self, room_key: str) -> Calibration | None:
+        path = self._path("room", room_key, ".json")
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as handle:
+            return Calibration(**json.load(handle))
+
+    def save_calibration(self, room_key: str, calibration: Calibration) -> None:
+        payload = json.dumps(asdict(calibration), sort_keys=True).encode()
+        self._write_atomic(self._path("room", room_key, ".json"), payload)
+
+    def rir_ids(self) -> set[str]:
+        pattern = f"{self.root}/rir/*/*.npz"
+        return {p.rsplit("/", 1)[1].removesuffix(".npz") for p in self.fs.glob(pattern)}
+
+
+def calibration_key(spec: RirSpec) -> str:
+    return stable_hash(
+        [
+            spec.room.spec_hash,
+            spec.sample_rate,
+            spec.simulation.model_dump(mode="json"),
+            simulator_version(),
+        ],
+        length=20,
+    )
+
+
+def get_or_calibrate(bank: RirBank, spec: RirSpec) -> tuple[Calibration, bool]:
+    """The room's calibration from the bank, computing it once if missing. True if computed."""
+    key = calibration_key(spec)
+    cached = bank.load_calibration(key)
+    if cached is not None:
+        return cached, False
+    calibration = calibrate_room(spec)
+    bank.save_calibration(key, calibration)
+    return calibration, True
+
+
+def get_or_simulate(bank: RirBank, spec: RirSpec) -> tuple[np.ndarray, dict, bool]:
+    """The RIR and its labels, simulating (and calibrating the room) only when missing."""
+    rir_id = spec.rir_id
+    if bank.has_rir(rir_id):
+        rir, labels = bank.load_rir(rir_id)
+        return rir, labels, False
+    calibration, _ = get_or_calibrate(bank, spec)
+    rir = simulate(spec, calibration.scale)
+    method, order = spec.method(calibration.scale)
+    measured = measure_rir(rir, spec.sample_rate)
+    labels = {
+        **measured.to_dict(),
+        "distance_m": round(spec.placement.distance, 4),
+        "rt60_method": "Schroeder backward integration, line fit -5..-25 dB (T20) / -5..-35 dB "
+        "(T30), extrapolated to 60 dB",
+        "target_rt60": spec.room.target_rt60,
+        "absorption_scale": calibration.scale,
+        "simulation": method,
+        "ism_order": order,
+        "simulator": simulator_version(),
+    }
+    bank.save_rir(rir_id, rir, labels)
+    return rir, labels, True

@@ -1,0 +1,237 @@
+"""The zarr v3 store of paired STFTs: layout, whole-shard writes, done-markers and the index.
+
+Layout (readable with plain ``zarr`` and ``numpy``; see the README):
+
+- ``reverberant``, ``clean``: ``complex64 (frames, freq)`` or ``float16 (frames, freq, 2)``,
+  chunked along time, one zarr shard per build shard;
+- ``index/<column>``: one 1-D array per example column (ids, split, frame offset/count, labels);
+- ``shard_checksums``: sha256 of each shard's decoded data (reverberant then clean);
+- root attributes: format, sample rate, STFT settings, manifest, package versions, summary.
+
+A build shard is written whole by exactly one task (a partial write into a zarr shard is a
+read-modify-write, which loses data under concurrency), and only then is a done-marker with
+its checksum written under ``_build/shards/``. A crashed build redoes shards without a marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from .plan import Plan
+
+FORMAT = "dereverb-store"
+FORMAT_VERSION = 1
+SIGNALS = ("reverberant", "clean")
+BUILD_DIR = "_build"
+
+# Zarr warns that variable-length strings are not yet in the v3 spec; the index uses them on
+# purpose (plain zarr-python reads them) and says so in the README.
+warnings.filterwarnings("ignore", message=".*not part in the Zarr format 3 specification.*")
+warnings.filterwarnings("ignore", category=UserWarning, module="zarr.core.dtype")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used for this build; the message says why and what to do."""
+
+
+def package_versions() -> dict[str, str]:
+    names = ("dereverb", "numpy", "scipy", "pyroomacoustics", "zarr", "soundfile", "soxr")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def encode(spec: np.ndarray, dtype: str) -> np.ndarray:
+    """complex64 as is; float16 as a trailing (real, imag) axis."""
+    if dtype == "complex64":
+        return spec.astype(np.complex64)
+    return np.stack([spec.real, spec.imag], axis=-1).astype(np.float16)
+
+
+def decode(stored: np.ndarray) -> np.ndarray:
+    if stored.dtype == np.float16:
+        return (stored[..., 0].astype(np.float32) + 1j * stored[..., 1].astype(np.float32)).astype(
+            np.complex64
+        )
+    return stored
+
+
+def shard_checksum(reverberant: np.ndarray, clean: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(reverberant).tobytes())
+    digest.update(np.ascontiguousarray(clean).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardMarker:
+    shard_id: int
+    fingerprint: str
+    checksum: str
+
+
+class DatasetStore:
+    """A store at a local path or fsspec URL, opened for building or reading."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    # -- creation ---------------------------------------------------------------------------
+    def prepare(self, plan: Plan) -> None:
+        """Create the arrays for this plan, or check an existing store fits it.
+
+        An existing store with another layout (STFT, dtype, chunking) is refused rather than
+        overwritten: data already built stays intact.
+        """
+        manifest = plan.manifest
+        n_freq = plan.stft.n_freq
+        storage = manifest.storage
+        shape: tuple[int, ...] = (plan.n_frames, n_freq)
+        chunks: tuple[int, ...] = (storage.frames_per_chunk, n_freq)
+        shards: tuple[int, ...] = (storage.frames_per_shard, n_freq)
+        dtype = "complex64"
+        if storage.dtype == "float16":
+            shape, chunks, shards, dtype = (*shape, 2), (*chunks, 2), (*shards, 2), "float16"
+        layout = {
+            "sample_rate": manifest.sample_rate,
+            "stft": manifest.stft.model_dump(mode="json"),
+            "storage_dtype": storage.dtype,
+            "frames_per_chunk": storage.frames_per_chunk,
+            "frames_per_shard": storage.frames_per_shard,
+        }
+        if self.exists():
+            group = zarr.open_group(self.url, mode="r+")
+            found = {key: group.attrs.get(key) for key in layout}
+            if found != layout:
+                changed = sorted(k for k in layout if found[k] != layout[k])
+                raise StoreError(
+                    f"{self.url}: existing store has another layout ({', '.join(changed)}); "
+                    "build into a new store path, or delete this one yourself"
+                )
+            for name in SIGNALS:
+                if group[name].shape != shape:
+                    group[name].resize(shape)
+        else:
+            group = zarr.open_group(self.url, mode="w-")
+            compressors = ZstdCodec(level=1) if storage.compressor == "zstd" else None
+            for name in SIGNALS:
+                group.create_array(
+                    name,
+                    shape=shape,
+                    chunks=chunks,
+                    shards=shards,
+                    dtype=dtype,
+                    fill_value=0,
+                    compressors=compressors,
+                    dimension_names=("frame", "freq", "re_im")[: len(shape)],
+                )
+        group.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                **layout,
+                "n_freq": n_freq,
+                "n_frames": plan.n_frames,
+                "n_shards": len(plan.shards),
+                "complete": False,
+            }
+        )
+        self._write_text(f"{BUILD_DIR}/plan.json", plan.to_json())
+
+    def exists(self) -> bool:
+        return self.fs.exists(f"{self.root}/zarr.json")
+
+    # -- build state ------------------------------------------------------------------------
+    def _write_text(self, relative: str, text: str) -> None:
+        path = f"{self.root}/{relative}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with self.fs.open(tmp, "w") as handle:
+            handle.write(text)
+        self.fs.mv(tmp, path)
+
+    def read_text(self, relative: str) -> str:
+        with self.fs.open(f"{self.root}/{relative}", "r") as handle:
+            return handle.read()
+
+    def load_plan(self) -> Plan:
+        return Plan.from_json(self.read_text(f"{BUILD_DIR}/plan.json"))
+
+    def _marker_path(self, shard_id: int) -> str:
+        return f"{BUILD_DIR}/shards/{shard_id:06d}.json"
+
+    def marker(self, shard_id: int) -> ShardMarker | None:
+        path = self._marker_path(shard_id)
+        if not self.fs.exists(f"{self.root}/{path}"):
+            return None
+        return ShardMarker(**json.loads(self.read_text(path)))
+
+    def shard_is_done(self, shard_id: int, fingerprint: str) -> bool:
+        marker = self.marker(shard_id)
+        return marker is not None and marker.fingerprint == fingerprint
+
+    def done_count(self) -> int:
+        return len(self.fs.glob(f"{self.root}/{BUILD_DIR}/shards/*.json"))
+
+    def write_labels(self, shard_id: int, rows: list[dict]) -> None:
+        self._write_text(f"{BUILD_DIR}/labels/{shard_id:06d}.json", json.dumps(rows))
+
+    def read_labels(self, shard_id: int) -> list[dict]:
+        return json.loads(self.read_text(f"{BUILD_DIR}/labels/{shard_id:06d}.json"))
+
+    # -- data -------------------------------------------------------------------------------
+    def write_shard(
+        self,
+        shard_id: int,
+        frame_start: int,
+        reverberant: np.ndarray,
+        clean: np.ndarray,
+        fingerprint: str,
+    ) -> ShardMarker:
+        """Write one whole shard of both signals, then (only then) its done-marker."""
+        group = zarr.open_group(self.url, mode="r+")
+        stop = frame_start + reverberant.shape[0]
+        group["reverberant"][frame_start:stop] = reverberant
+        group["clean"][frame_start:stop] = clean
+        marker = ShardMarker(shard_id, fingerprint, shard_checksum(reverberant, clean))
+        self._write_text(self._marker_path(shard_id), json.dumps(marker.__dict__))
+        return marker
+
+    def read_shard(self, frame_start: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+        group = zarr.open_group(self.url, mode="r")
+        stop = frame_start + frames
+        return group["reverberant"][frame_start:stop], group["clean"][frame_start:stop]
+
+    def write_index(self, columns: dict[str, np.ndarray], checksums: list[str], attrs: dict) -> None:
+        group = zarr.open_group(self.url, mode="r+")
+        if "index" in group:
+            del group["index"]
+        index = group.create_group("index")
+        for name, values in columns.items():
+            values = np.asarray(values)
+            dtype = "str" if values.dtype.kind in "UO" else values.dtype
+            array = index.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape or (1,))
+            array[:] = values
+        if "shard_checksums" in group:
+            del group["shard_checksums"]
+        sums = group.create_array("shard_checksums", shape=(len(checksums),), dtype="str")
+        sums[:] = np.asarray(checksums)
+        group.attrs.update({**attrs, "complete": True})
+
+    def size_bytes(self) -> int:
+        return int(sum(self.fs.du(f"{self.root}/{name}") for name in SIGNALS))

@@ -1,0 +1,405 @@
+"""Reading a dereverberation store for training: crops, whole examples and spectral features.
+
+The store (written by ``dereverb_data``) is a zarr v3 group with two time-major STFT arrays,
+``reverberant`` and ``clean``, of shape ``(n_frames_total, n_freq)`` complex64 (or
+``(n_frames_total, n_freq, 2)`` float16 real/imag pairs), and an ``index/`` group with one row
+per example. Example ``i`` occupies frames ``[frame_offset[i], frame_offset[i] + frame_count[i])``.
+
+What lives here, top to bottom:
+
+- :func:`open_store`: read-only view of a store; the index is read into numpy, the two big
+  arrays stay on disk and are read one slice at a time (:meth:`DereverbStore.read`).
+- :func:`sample_crop`: the pure function that decides which frames sample ``i`` of a run
+  uses, from ``(seed, i)`` alone.
+- :class:`CropDataset` + :class:`StepSampler` + :func:`crop_loader`: random fixed-length
+  crops for training; :class:`ValidationDataset`: whole examples for validation.
+- Spectral transforms on torch tensors: power-law compression, log magnitude, and the torch
+  STFT/iSTFT with the project convention (``dereverb_data.stft``).
+
+Why a map-style dataset and not an ``IterableDataset``: the crop of training sample ``i`` is a
+pure function of ``(seed, i)`` (:func:`sample_crop`), and the batch of step ``s`` is samples
+``s * batch_size ... (s + 1) * batch_size - 1`` (:class:`StepSampler`). The DataLoader returns
+batches in sampler order whatever the number of workers, so 0 and 2 workers give identical
+batches, and a resumed run only has to start the sampler at its step: no iterator state to
+save. An ``IterableDataset`` would have to shard its stream across workers by hand and carry
+its position in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dereverb_data.stft import StftConfig
+
+STORE_FORMAT = "dereverb-store"
+STORE_FORMAT_VERSION = 1
+SIGNALS = ("reverberant", "clean")
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_frames(raw: np.ndarray) -> np.ndarray:
+    """Stored frames -> complex64 ``(..., n_freq)``: float16 ``(..., 2)`` pairs are joined."""
+    if np.iscomplexobj(raw):
+        return np.asarray(raw, dtype=np.complex64)
+    if raw.shape[-1] != 2:
+        raise ValueError(f"real-valued frames must end in a (real, imag) axis, got {raw.shape}")
+    out = np.empty(raw.shape[:-1], dtype=np.complex64)
+    out.real = raw[..., 0]
+    out.imag = raw[..., 1]
+    return out
+
+
+def _column(array: Any) -> np.ndarray:
+    values = np.asarray(array[...])
+    if values.dtype.kind in "OUST":  # strings come back as object, fixed or variable width
+        return values.astype(str)
+    return values
+
+
+@dataclass
+class DereverbStore:
+    """Read-only view of a store: attributes, the index in memory, the STFT arrays on disk."""
+
+    url: str
+    attrs: dict[str, Any]
+    index: dict[str, np.ndarray]
+    arrays: dict[str, Any] = field(repr=False)
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.index["frame_offset"].shape[0])
+
+    @property
+    def n_freq(self) -> int:
+        return int(self.arrays["clean"].shape[1])
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.attrs["sample_rate"])
+
+    @property
+    def stft_config(self) -> StftConfig:
+        stft = self.attrs["stft"]
+        return StftConfig(n_fft=int(stft["n_fft"]), hop=int(stft["hop"]), window=stft["window"])
+
+    def rows(self, split: str) -> np.ndarray:
+        """Index rows (int64, ascending) of the examples in ``split``."""
+        rows = np.flatnonzero(self.index["split"] == split)
+        if rows.size == 0:
+            splits = sorted(set(self.index["split"].tolist()))
+            raise ValueError(f"no examples in split {split!r}; the store has {splits}")
+        return rows
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Frames ``[start, stop)`` of ``name`` as complex64 ``(stop - start, n_freq)``: one read."""
+        return decode_frames(self.arrays[name][start:stop])
+
+    def example(self, row: int) -> dict[str, np.ndarray]:
+        """Whole example ``row``: ``{"reverberant", "clean"}`` complex64 ``(frame_count, n_freq)``."""
+        start = int(self.index["frame_offset"][row])
+        stop = start + int(self.index["frame_count"][row])
+        return {name: self.read(name, start, stop) for name in SIGNALS}
+
+
+def open_store(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> DereverbStore:
+    """Open a store read-only with plain zarr and read its index columns into numpy.
+
+    ``url`` is a local path or any URL zarr understands (``s3://...`` with ``storage_options``).
+    """
+    url = os.fspath(url)
+    kwargs = {"storage_options": dict(storage_options)} if storage_options else {}
+    group = zarr.open_group(url, mode="r", **kwargs)
+    attrs = dict(group.attrs)
+    if attrs.get("format") != STORE_FORMAT or attrs.get("format_version") != STORE_FORMAT_VERSION:
+        raise ValueError(
+            f"{url} is not a {STORE_FORMAT!r} store of version {STORE_FORMAT_VERSION} "
+            f"(format={attrs.get('format')!r}, version={attrs.get('format_version')!r})"
+        )
+    index_group = group["index"]
+    index = {name: _column(array) for name, array in index_group.arrays()}
+    arrays = {name: group[name] for name in SIGNALS}
+    if arrays["reverberant"].shape != arrays["clean"].shape:
+        raise ValueError(
+            f"reverberant {arrays['reverberant'].shape} and clean {arrays['clean'].shape} differ"
+        )
+    return DereverbStore(url=url, attrs=attrs, index=index, arrays=arrays)
+
+
+class _LazyStore:
+    """Holds a store URL and opens the store on first use in each process (never pickled open)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = os.fspath(url)
+        self.storage_options = dict(storage_options) if storage_options else None
+        self._store: DereverbStore | None = None
+        self._pid: int | None = None
+
+    @property
+    def store(self) -> DereverbStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store = open_store(self.url, self.storage_options)
+            self._pid = os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None
+        state["_pid"] = None
+        return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Training crops
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_crop(
+    frame_counts: np.ndarray, crop_frames: int, seed: int, index: int
+) -> tuple[int, int, int]:
+    """Which frames sample ``index`` of a run with ``seed`` uses: ``(example, first, length)``.
+
+    The example is drawn with probability proportional to its frame count (every frame of the
+    split equally likely to be seen), then a start uniformly among the positions where the crop
+    fits inside the example. ``first`` is relative to the example's first frame; ``length`` is
+    ``min(crop_frames, frame_count)`` (shorter examples are taken whole and padded by the caller).
+    A pure function of its arguments: no global random state.
+    """
+    rng = np.random.default_rng([seed, index])
+    cumulative = np.cumsum(frame_counts)
+    example = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    count = int(frame_counts[example])
+    length = min(crop_frames, count)
+    first = int(rng.integers(0, count - length + 1))
+    return example, first, length
+
+
+class CropDataset(Dataset):
+    """Random fixed-length crops of paired (reverberant, clean) STFTs from one split.
+
+    Item ``i`` is a dict of ``reverberant`` and ``clean`` (complex64 ``(crop_frames, n_freq)``),
+    ``mask`` (bool ``(crop_frames,)``, False on zero padding after a short example) and ``row``,
+    ``start`` (where the crop came from). Crops never straddle two examples, each signal is one
+    slice read, and the store is opened lazily in each process (workers included).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        split: str = "train",
+        crop_frames: int = 256,
+        seed: int = 0,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        if crop_frames < 1:
+            raise ValueError(f"crop_frames must be positive, got {crop_frames}")
+        self._lazy = _LazyStore(os.fspath(url), storage_options)
+        store = self._lazy.store
+        self.split = split
+        self.crop_frames = int(crop_frames)
+        self.seed = int(seed)
+        self.n_freq = store.n_freq
+        self.rows = store.rows(split)
+        self.frame_offsets = store.index["frame_offset"][self.rows].astype(np.int64)
+        self.frame_counts = store.index["frame_count"][self.rows].astype(np.int64)
+        if np.any(self.frame_counts < 1):
+            raise ValueError(f"split {split!r} has examples with no frames")
+
+    def crop(self, index: int) -> tuple[int, int, int]:
+        """``(row, start, length)`` of sample ``index``: store row and absolute frame range."""
+        example, first, length = sample_crop(self.frame_counts, self.crop_frames, self.seed, index)
+        return int(self.rows[example]), int(self.frame_offsets[example]) + first, length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row, start, length = self.crop(index)
+        store = self._lazy.store
+        item: dict[str, Any] = {"row": row, "start": start}
+        for name in SIGNALS:
+            frames = np.zeros((self.crop_frames, self.n_freq), dtype=np.complex64)
+            frames[:length] = store.read(name, start, start + length)
+            item[name] = torch.from_numpy(frames)
+        mask = torch.zeros(self.crop_frames, dtype=torch.bool)
+        mask[:length] = True
+        item["mask"] = mask
+        return item
+
+
+class StepSampler(Sampler[int]):
+    """Sample numbers of steps ``[start_step, stop_step)``: step ``s`` is ``s*B ... s*B + B - 1``."""
+
+    def __init__(self, batch_size: int, start_step: int, stop_step: int):
+        self.batch_size = int(batch_size)
+        self.start_step = int(start_step)
+        self.stop_step = max(int(stop_step), self.start_step)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start_step * self.batch_size, self.stop_step * self.batch_size))
+
+    def __len__(self) -> int:
+        return (self.stop_step - self.start_step) * self.batch_size
+
+
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)  # workers share the cores with the training process
+
+
+def crop_loader(
+    dataset: CropDataset,
+    batch_size: int,
+    start_step: int,
+    stop_step: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """DataLoader whose ``k``-th batch is the batch of step ``start_step + k``, any worker count."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=StepSampler(batch_size, start_step, stop_step),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        # Workers draw their base seed from this generator, not from torch's global RNG, so
+        # creating a loader does not change the model's random stream (dropout) across resumes.
+        generator=torch.Generator().manual_seed(dataset.seed),
+    )
+
+
+class ValidationDataset(Dataset):
+    """Whole examples of a split, in store order: ``reverberant``, ``clean`` (complex64
+    ``(frame_count, n_freq)``), ``num_samples``, ``example_id``, ``row``."""
+
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        split: str = "valid",
+        max_examples: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        self._lazy = _LazyStore(os.fspath(url), storage_options)
+        rows = self._lazy.store.rows(split)
+        self.split = split
+        self.rows = rows[:max_examples] if max_examples is not None else rows
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        store = self._lazy.store
+        row = int(self.rows[index])
+        example = store.example(row)
+        return {
+            "reverberant": torch.from_numpy(example["reverberant"]),
+            "clean": torch.from_numpy(example["clean"]),
+            "num_samples": int(store.index["num_samples"][row]),
+            "example_id": str(store.index["example_id"][row]),
+            "row": row,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral transforms (pure torch functions; complex (..., T, F) in)
+# ---------------------------------------------------------------------------------------------
+
+FEATURE_CHANNELS = {"compressed_magnitude": 1, "compressed_complex": 2, "log_magnitude": 1}
+COMPRESS_EXPONENT = 0.3
+_EPS = 1e-8  # keeps |X|^c differentiable at X = 0
+
+
+def compressed_magnitude(
+    spec: torch.Tensor, exponent: float = COMPRESS_EXPONENT, eps: float = _EPS
+) -> torch.Tensor:
+    """``|X|^c`` (real), with ``|X|`` smoothed by ``eps`` so the gradient stays finite at 0."""
+    power = spec.real.square() + spec.imag.square()
+    return (power + eps) ** (exponent / 2)
+
+
+def compress_complex(
+    spec: torch.Tensor, exponent: float = COMPRESS_EXPONENT, eps: float = _EPS
+) -> torch.Tensor:
+    """``|X|^c * exp(j angle X)`` (complex)."""
+    power = spec.real.square() + spec.imag.square()
+    return spec * (power + eps) ** ((exponent - 1) / 2)
+
+
+def decompress_complex(
+    spec: torch.Tensor, exponent: float = COMPRESS_EXPONENT, eps: float = _EPS
+) -> torch.Tensor:
+    """Inverse of :func:`compress_complex`: ``|Y|^(1/c) * exp(j angle Y)``."""
+    power = spec.real.square() + spec.imag.square()
+    return spec * (power + eps) ** ((1 / exponent - 1) / 2)
+
+
+def log_magnitude(spec: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``log(|X| + eps)`` (natural log)."""
+    return torch.log(spec.abs() + eps)
+
+
+def spec_features(
+    spec: torch.Tensor, kind: str, exponent: float = COMPRESS_EXPONENT
+) -> torch.Tensor:
+    """Network input from a complex ``(B, T, F)`` STFT: float ``(B, C, T, F)``.
+
+    ``compressed_magnitude`` (C=1), ``compressed_complex`` (C=2: real, imag), ``log_magnitude``
+    (C=1). See ``FEATURE_CHANNELS``.
+    """
+    if kind == "compressed_magnitude":
+        return compressed_magnitude(spec, exponent).unsqueeze(1)
+    if kind == "compressed_complex":
+        return torch.view_as_real(compress_complex(spec, exponent)).permute(0, 3, 1, 2)
+    if kind == "log_magnitude":
+        return log_magnitude(spec).unsqueeze(1)
+    raise ValueError(f"unknown features {kind!r}; choose one of {sorted(FEATURE_CHANNELS)}")
+
+
+def stft_window(config: StftConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """The analysis window of ``config`` as a float32 tensor (periodic Hann or its square root)."""
+    window = torch.hann_window(config.n_fft, periodic=True, device=device)
+    if config.window == "sqrt-hann":
+        return window.sqrt()
+    if config.window != "hann":
+        raise ValueError(f"unknown STFT window {config.window!r}")
+    return window
+
+
+def torch_stft(signal: torch.Tensor, config: StftConfig) -> torch.Tensor:
+    """STFT of ``(..., n_samples)`` float signals: complex ``(..., n_frames, n_freq)``.
+
+    Same numbers as ``dereverb_data.stft.stft`` (center=True, zero padding, no normalisation).
+    """
+    shape = signal.shape
+    spec = torch.stft(
+        signal.reshape(-1, shape[-1]),
+        config.n_fft,
+        config.hop,
+        window=stft_window(config, signal.device),
+        center=True,
+        pad_mode="constant",
+        return_complex=True,
+    )
+    return spec.transpose(-1, -2).reshape(*shape[:-1], spec.shape[-1], spec.shape[-2])
+
+
+def torch_istft(spec: torch.Tensor, config: StftConfig, length: int) -> torch.Tensor:
+    """Inverse of :func:`torch_stft` for complex ``(..., T, F)``: float ``(..., length)``."""
+    shape = spec.shape
+    flat = spec.reshape(-1, shape[-2], shape[-1]).transpose(-1, -2)
+    wave = torch.istft(
+        flat,
+        config.n_fft,
+        config.hop,
+        window=stft_window(config, spec.device),
+        center=True,
+        length=length,
+    )
+    return wave.reshape(*shape[:-2], length)
