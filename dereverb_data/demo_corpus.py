@@ -4,11 +4,13 @@ The demo corpus exists so that the whole pipeline (simulation, training, evaluat
 end to end on a fresh checkout, in CI, and offline.  Every utterance is generated on the fly from
 ``(speaker, index)`` with a source-filter model:
 
-* a band-limited, glottal-pulse-like harmonic source (all harmonics in cosine phase, amplitudes
-  decaying exponentially with frequency) following a smooth F0 contour with phrase declination,
-  pitch accents and per-syllable movement, plus a little aspiration noise;
-* a cascade of four time-varying formant resonators whose centre frequencies glide between vowel
-  targets and consonant loci (coarticulation), scaled per speaker like a vocal tract length;
+* a band-limited, glottal-pulse-like harmonic source (all harmonics in cosine phase, no
+  harmonic above 0.47 x the sample rate, about -6 dB/octave above 200 Hz) following a smooth F0
+  contour with phrase declination, pitch accents and per-syllable movement, plus a little
+  aspiration noise;
+* a cascade of five time-varying formant resonators whose centre frequencies glide between vowel
+  targets and consonant loci (coarticulation), scaled per speaker like a vocal tract length,
+  plus a weak high-frequency branch standing in for the resonances above F5;
 * fricative-like noise bursts (band-/high-pass shaped white noise of three kinds, roughly
   "s", "sh" and "f");
 * pauses between phrases (and before/after the utterance) holding only a -80 dBFS noise floor,
@@ -22,7 +24,7 @@ fills, silent gaps, broadband bursts, several distinguishable "speakers").
 
 The prosodic/phonetic plan of an utterance (timings, F0 and formant trajectories) depends only on
 ``(speaker, index, duration_s)``, not on the sample rate, so the same utterance rendered at
-8 kHz and 44.1 kHz lines up in time; only the noise samples differ.
+8 kHz and 44.1 kHz lines up in time; only the bandwidth and the noise samples differ.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ __all__ = [
     "utterance_segments",
 ]
 
-# Part of every seed: bump it whenever a change to the synthesis alters any signal, so that
-# cached features / manifests built from an older corpus are recognisably stale.
+# Part of every seed.  Bump it with any change that alters signals: every utterance then changes,
+# which makes the break obvious instead of leaving a corpus that is only partly different.
 CORPUS_VERSION = "demo-corpus-v1"
 
 #: Peak absolute amplitude of the speech part of every utterance (leaves headroom for reverb).
@@ -89,12 +91,12 @@ class DemoSpeaker:
 
 
 _PROFILES = (
-    DemoSpeaker("demo_f1", "female", (170.0, 310.0), 1.18, 4.6, 0.45, 1100.0, 0.06),
-    DemoSpeaker("demo_m1", "male", (85.0, 160.0), 1.00, 4.0, 0.40, 1500.0, 0.03),
-    DemoSpeaker("demo_f2", "female", (190.0, 340.0), 1.22, 5.2, 0.35, 1000.0, 0.08),
-    DemoSpeaker("demo_m2", "male", (100.0, 185.0), 0.93, 3.6, 0.55, 1350.0, 0.04),
-    DemoSpeaker("demo_f3", "female", (150.0, 270.0), 1.12, 3.8, 0.55, 1250.0, 0.05),
-    DemoSpeaker("demo_m3", "male", (75.0, 140.0), 1.05, 4.8, 0.30, 1700.0, 0.02),
+    DemoSpeaker("demo_f1", "female", (170.0, 310.0), 1.18, 4.6, 0.45, 3500.0, 0.06),
+    DemoSpeaker("demo_m1", "male", (85.0, 160.0), 1.00, 4.0, 0.40, 5000.0, 0.03),
+    DemoSpeaker("demo_f2", "female", (190.0, 340.0), 1.22, 5.2, 0.35, 3000.0, 0.08),
+    DemoSpeaker("demo_m2", "male", (100.0, 185.0), 0.93, 3.6, 0.55, 4500.0, 0.04),
+    DemoSpeaker("demo_f3", "female", (150.0, 270.0), 1.12, 3.8, 0.55, 4000.0, 0.05),
+    DemoSpeaker("demo_m3", "male", (75.0, 140.0), 1.05, 4.8, 0.30, 6000.0, 0.02),
 )
 
 #: Speaker names, alternating female-/male-like so that any prefix is roughly balanced.
@@ -121,30 +123,34 @@ class DemoSegment:
     end_s: float
 
 
-# Adult-male vowel formant targets F1..F4 in Hz (after Peterson & Barney, F4 approximate).
+# Adult-male vowel formant targets F1..F5 in Hz (F1-F3 after Peterson & Barney; F4 and F5
+# approximate, F5 only shapes the spectrum above F4).
 _VOWELS = np.array(
     [
-        [270, 2290, 3010, 3600],  # i
-        [390, 1990, 2550, 3500],  # I
-        [530, 1840, 2480, 3500],  # E
-        [660, 1720, 2410, 3400],  # ae
-        [730, 1090, 2440, 3400],  # a
-        [570, 840, 2410, 3300],  # o
-        [440, 1020, 2240, 3300],  # U
-        [300, 870, 2240, 3300],  # u
-        [640, 1190, 2390, 3400],  # V
-        [490, 1350, 1690, 3300],  # er
+        [270, 2290, 3010, 3600, 4500],  # i
+        [390, 1990, 2550, 3500, 4500],  # I
+        [530, 1840, 2480, 3500, 4500],  # E
+        [660, 1720, 2410, 3400, 4500],  # ae
+        [730, 1090, 2440, 3400, 4500],  # a
+        [570, 840, 2410, 3300, 4500],  # o
+        [440, 1020, 2240, 3300, 4500],  # U
+        [300, 870, 2240, 3300, 4500],  # u
+        [640, 1190, 2390, 3400, 4500],  # V
+        [490, 1350, 1690, 3300, 4500],  # er
     ],
     dtype=np.float64,
 )
 # Consonant loci (labial, alveolar, velar): formant values the transitions start from.
 _LOCI = np.array(
-    [[300, 900, 2200, 3300], [300, 1700, 2700, 3500], [300, 2000, 2300, 3400]],
+    [[300, 900, 2200, 3300, 4500], [300, 1700, 2700, 3500, 4500], [300, 2000, 2300, 3400, 4500]],
     dtype=np.float64,
 )
-_FORMANT_BANDWIDTHS_HZ = (70.0, 100.0, 140.0, 220.0)
+_GLOTTAL_CORNER_HZ = 200.0
+_HIGH_BRANCH_HZ = 3500.0
+_HIGH_BRANCH_GAIN = 0.5
+_FORMANT_BANDWIDTHS_HZ = (70.0, 100.0, 140.0, 220.0, 300.0)
 # Fricative kinds: (low edge Hz, high edge Hz, level dB relative to the vowels), male scale.
-_FRICATIVES = ((3800.0, 8000.0, -8.0), (2200.0, 5000.0, -8.0), (1200.0, 7500.0, -15.0))
+_FRICATIVES = ((3800.0, 8000.0, -12.0), (2200.0, 5000.0, -10.0), (1200.0, 7500.0, -18.0))
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ class _Plan:
     voiced: tuple[tuple[float, float, float], ...]  # (start, end, amplitude)
     unvoiced: tuple[tuple[float, float, float, int], ...]  # (start, end, amplitude, kind)
     f0_knots: tuple[np.ndarray, np.ndarray]  # times, log(F0 / mean) before range squashing
-    formant_knots: tuple[np.ndarray, np.ndarray]  # times, (n, 4) formant frequencies in Hz
+    formant_knots: tuple[np.ndarray, np.ndarray]  # times, (n, 5) formant frequencies in Hz
 
 
 def demo_speaker(speaker: str) -> DemoSpeaker:
@@ -195,7 +201,7 @@ def utterance_segments(
     They match ``synthesize_utterance`` with the same arguments at any sample rate (envelopes rise
     from and fall to zero inside each segment), so they can serve as voice-activity ground truth.
     """
-    profile, index, duration_s = _validate(speaker, index, 16000, duration_s)
+    profile, index, _, duration_s = _validate(speaker, index, 16000, duration_s)
     return _make_plan(profile, index, duration_s).segments
 
 
@@ -211,7 +217,7 @@ def synthesize_utterance(
     Without ``duration_s`` the length varies per utterance within about 2-4 s; with it the
     output has exactly ``round(duration_s * sample_rate)`` samples.
     """
-    profile, index, duration_s = _validate(speaker, index, sample_rate, duration_s)
+    profile, index, sample_rate, duration_s = _validate(speaker, index, sample_rate, duration_s)
     plan = _make_plan(profile, index, duration_s)
     return _render(plan, profile, sample_rate, _seed_sequence(profile.name, index).spawn(2)[1])
 
@@ -226,7 +232,7 @@ def _is_int(value: object) -> bool:
 
 def _validate(
     speaker: str, index: int, sample_rate: int, duration_s: float | None
-) -> tuple[DemoSpeaker, int, float | None]:
+) -> tuple[DemoSpeaker, int, int, float | None]:
     profile = demo_speaker(speaker)
     if not _is_int(index) or index < 0:
         raise ValueError(f"index must be a non-negative integer, got {index!r}")
@@ -245,7 +251,7 @@ def _validate(
                 f"{MIN_DURATION_S}..{MAX_DURATION_S}, got {duration_s!r}"
             )
         duration_s = float(duration_s)
-    return profile, int(index), duration_s
+    return profile, int(index), int(sample_rate), duration_s
 
 
 def _seed_sequence(speaker: str, index: int) -> np.random.SeedSequence:
@@ -267,8 +273,8 @@ def _make_plan(profile: DemoSpeaker, index: int, duration_s: float | None) -> _P
     natural = float(rng.uniform(*DEFAULT_DURATION_RANGE_S))
     total = round(natural, 3) if duration_s is None else duration_s
     syl_period = 1.0 / (profile.syllable_rate_hz * rng.uniform(0.9, 1.1))
-    lead = min(float(rng.uniform(0.12, 0.3)), 0.2 * total)
-    trail = min(float(rng.uniform(0.12, 0.3)), 0.2 * total)
+    lead = min(float(rng.uniform(0.08, 0.2)), 0.2 * total)
+    trail = min(float(rng.uniform(0.08, 0.2)), 0.2 * total)
     end_limit = total - trail
     scale = profile.formant_scale
 
@@ -284,7 +290,7 @@ def _make_plan(profile: DemoSpeaker, index: int, duration_s: float | None) -> _P
     placed_any = False
     done = False
     while not done:
-        n_syl = int(rng.integers(2, 7))
+        n_syl = int(rng.integers(3, 9))
         declination = float(rng.uniform(0.08, 0.2))
         accent_at = int(rng.integers(0, n_syl))
         accent = float(rng.uniform(0.1, 0.25))
@@ -297,10 +303,10 @@ def _make_plan(profile: DemoSpeaker, index: int, duration_s: float | None) -> _P
             u_coda = rng.random()
             coda_dur = syl_period * rng.uniform(0.15, 0.3)
             coda_kind = int(rng.integers(0, len(_FRICATIVES)))
-            gap = syl_period * rng.uniform(0.03, 0.15)
+            gap = syl_period * rng.uniform(0.03, 0.1)
             vowel = _VOWELS[int(rng.integers(0, len(_VOWELS)))]
             locus = _LOCI[int(rng.integers(0, len(_LOCI)))]
-            drift = rng.uniform(0.96, 1.04, size=4)
+            drift = rng.uniform(0.96, 1.04, size=_VOWELS.shape[1])
             amp = float(rng.uniform(0.6, 1.0))
             f0_jitter = float(rng.normal(0.0, 0.03))
             f0_slope = float(rng.normal(0.0, 0.04))
@@ -311,10 +317,12 @@ def _make_plan(profile: DemoSpeaker, index: int, duration_s: float | None) -> _P
             durs = [onset_dur if has_onset else 0.0, nucleus_dur, coda_dur if has_coda else 0.0]
             length = sum(durs)
             if t + length > end_limit:
-                if placed_any or end_limit - t < 0.05:
+                room = end_limit - t
+                if room < 0.05 or (placed_any and room < 0.6 * length):
                     done = True
                     break
-                durs = [d * (end_limit - t) / length for d in durs]  # short clip: shrink it
+                durs = [d * room / length for d in durs]  # squeeze the last syllable in
+                done = True
             placed_any = True
             onset_end = t + durs[0]
             nucleus_end = onset_end + durs[1]
@@ -343,8 +351,10 @@ def _make_plan(profile: DemoSpeaker, index: int, duration_s: float | None) -> _P
             fm_v += [0.5 * (locus + vowel) * scale, vowel * scale, vowel * drift * scale]
 
             t = coda_end + gap
+            if done:
+                break
         else:
-            t += float(rng.uniform(0.18, 0.45))  # pause between phrases
+            t += float(rng.uniform(0.15, 0.35))  # pause between phrases
             done = t + 0.1 > end_limit
 
     segments: list[DemoSegment] = []
@@ -387,13 +397,23 @@ def _render(
     f0 = _f0_contour(plan, profile, times)
     source = _harmonic_source(f0, profile.source_tilt_hz, sr)
     source += profile.breathiness * rng.standard_normal(n)
-    voiced = source * env_v
+    # Glottal roll-off (-12 dB/oct) plus lip radiation (+6 dB/oct): net -6 dB/oct above ~200 Hz.
+    pole = math.exp(-2.0 * math.pi * _GLOTTAL_CORNER_HZ / sr)
+    source = signal.lfilter([1.0 - pole], [1.0, -pole], source)
+    source_env = source * env_v
+    voiced = source_env
     block = _block_length(sr)
     block_times = (np.arange(-(-n // block)) + 0.5) * block / sr
     formants = _interp_knots(*plan.formant_knots, block_times)
     for j, bw in enumerate(_FORMANT_BANDWIDTHS_HZ):
         if formants[:, j].max() < 0.4 * sr:  # a resonator near Nyquist would be meaningless
             voiced = _resonator(voiced, formants[:, j], bw * profile.formant_scale, sr)
+    # An all-pole cascade of five formants decays far too fast above F5 (real vocal tracts have
+    # more resonances up there); a weak high-passed copy of the source stands in for them.
+    hf_corner = _HIGH_BRANCH_HZ * profile.formant_scale
+    if hf_corner < 0.4 * sr:
+        sos = signal.butter(2, hf_corner, btype="highpass", fs=sr, output="sos")
+        voiced += _HIGH_BRANCH_GAIN * signal.sosfilt(sos, source_env)
     active = env_v > 0.3
     if active.any():
         voiced /= np.sqrt(np.mean(voiced[active] ** 2))
@@ -440,8 +460,6 @@ def _add_envelope(
 
 def _interp_knots(knot_t: np.ndarray, knot_v: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Smooth monotone-preserving interpolation, held constant outside the knots."""
-    if knot_t.size == 1:
-        return np.broadcast_to(knot_v[0], times.shape + knot_v.shape[1:]).copy()
     return PchipInterpolator(knot_t, knot_v, axis=0)(np.clip(times, knot_t[0], knot_t[-1]))
 
 
@@ -510,7 +528,7 @@ def _resonator(x: np.ndarray, freq_hz: np.ndarray, bw_hz: float, sr: int) -> np.
     acc = np.cumsum(drive * inv_abs2 * q.conj(), axis=1)  # zero-state response is q * acc
     carry = np.empty(n_blocks, dtype=np.complex128)
     prev = 0j
-    for b, (last, q_last) in enumerate(zip(acc[:, -1].tolist(), q[:, -1].tolist())):
+    for b, (last, q_last) in enumerate(zip(acc[:, -1].tolist(), q[:, -1].tolist(), strict=True)):
         carry[b] = prev
         prev = q_last * (last + prev)
     acc += carry[:, None]

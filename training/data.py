@@ -63,7 +63,7 @@ def decode_frames(raw: np.ndarray) -> np.ndarray:
 def _column(array: Any) -> np.ndarray:
     values = np.asarray(array[...])
     if values.dtype.kind in "OUST":  # strings come back as object, fixed or variable width
-        return values.astype(str)
+        return np.asarray(values.tolist(), dtype=str)  # plain '<U' whatever zarr returned
     return values
 
 
@@ -102,17 +102,19 @@ class DereverbStore:
         return rows
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Frames ``[start, stop)`` of ``name`` as complex64 ``(stop - start, n_freq)``: one read."""
+        """Frames ``[start, stop)`` of ``name`` as complex64 ``(frames, n_freq)``, in one read."""
         return decode_frames(self.arrays[name][start:stop])
 
     def example(self, row: int) -> dict[str, np.ndarray]:
-        """Whole example ``row``: ``{"reverberant", "clean"}`` complex64 ``(frame_count, n_freq)``."""
+        """Example ``row`` whole: ``reverberant``, ``clean`` complex64 ``(frame_count, n_freq)``."""
         start = int(self.index["frame_offset"][row])
         stop = start + int(self.index["frame_count"][row])
         return {name: self.read(name, start, stop) for name in SIGNALS}
 
 
-def open_store(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> DereverbStore:
+def open_store(
+    url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+) -> DereverbStore:
     """Open a store read-only with plain zarr and read its index columns into numpy.
 
     ``url`` is a local path or any URL zarr understands (``s3://...`` with ``storage_options``).
@@ -235,7 +237,7 @@ class CropDataset(Dataset):
 
 
 class StepSampler(Sampler[int]):
-    """Sample numbers of steps ``[start_step, stop_step)``: step ``s`` is ``s*B ... s*B + B - 1``."""
+    """Sample numbers of steps ``[start_step, stop_step)``; step ``s`` is ``s*B .. s*B + B - 1``."""
 
     def __init__(self, batch_size: int, start_step: int, stop_step: int):
         self.batch_size = int(batch_size)

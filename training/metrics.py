@@ -36,7 +36,7 @@ import numpy as np
 from scipy.signal import fftconvolve, hilbert, lfilter, resample_poly
 
 MIN_DURATION_S = 0.25
-"""Shortest signal any metric accepts (PESQ's own limit; frame-based measures get too few frames)."""
+"""Shortest signal any metric accepts (PESQ's own limit; frame measures get too few frames)."""
 
 SILENCE_RMS = 1e-8
 """RMS below which a signal counts as silent (about -160 dBFS for full scale 1.0)."""
@@ -107,15 +107,20 @@ def pesq_wb(estimate: np.ndarray, reference: np.ndarray, fs: int) -> float:
     Input at rates other than 16 kHz is resampled to 16 kHz first (8 kHz too: we never switch to
     narrow-band mode, whose scale differs). Library exceptions and error return codes become
     :class:`MetricUnavailable`; a wide-band MOS-LQO below 0.5 cannot occur, so such a value is
-    treated as an error code rather than averaged.
+    treated as an error code rather than averaged. A silent estimate is reported as unavailable
+    (the library crashes on it) -- ``summarize`` counts it, so a model that outputs silence
+    shows up in ``n_missing`` rather than vanishing.
     """
     from pesq import PesqError, pesq
 
     est, ref = _prepare_pair(estimate, reference, fs)
+    if _is_silent(est):
+        # pesq 0.0.4 fails inside its C error path (ValueError: NaN to integer) on this input.
+        raise MetricUnavailable("silent estimate (pesq cannot score it)")
     est16, ref16 = _resample(est, fs, PESQ_FS), _resample(ref, fs, PESQ_FS)
     try:
         value = float(pesq(PESQ_FS, ref16, est16, "wb"))
-    except PesqError as exc:  # NoUtterancesError, BufferTooShortError, ...
+    except (PesqError, ValueError) as exc:  # NoUtterancesError, BufferTooShortError, ...
         raise MetricUnavailable(f"pesq {type(exc).__name__}: {exc}") from exc
     if not math.isfinite(value) or value < 0.5:
         raise MetricUnavailable(f"pesq returned error code {value}")

@@ -21,16 +21,18 @@ Run ``python -m training.models`` to print the numbers on your machine.
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from training.data import (
     COMPRESS_EXPONENT,
-    FEATURE_CHANNELS,
     compress_complex,
     decompress_complex,
     spec_features,
@@ -58,8 +60,11 @@ class SpectralModel(nn.Module):
     def enhance_spec(self, reverberant: torch.Tensor) -> torch.Tensor:
         """Clean estimate of a complex ``(B, T, F)`` or ``(T, F)`` STFT, complex64, same device.
 
-        Runs in eval mode (restoring the previous mode) on the model's device.
+        Runs in eval mode (restoring the previous mode) on the model's device, without
+        gradients. A numpy array in gives a numpy array out.
         """
+        if isinstance(reverberant, np.ndarray):
+            return self.enhance_spec(torch.from_numpy(reverberant)).numpy()
         squeeze = reverberant.dim() == 2
         spec = reverberant.unsqueeze(0) if squeeze else reverberant
         device = next(self.parameters()).device
@@ -131,7 +136,9 @@ class UNet(SpectralModel):
             out_channels = skip if level > 0 else 16
             in_channels = widths[level] if level == self.depth - 1 else 2 * widths[level]
             layers = [
-                nn.ConvTranspose2d(in_channels, out_channels, kernel_size, 2, pad, output_padding=1),
+                nn.ConvTranspose2d(
+                    in_channels, out_channels, kernel_size, 2, pad, output_padding=1
+                ),
                 nn.BatchNorm2d(out_channels),
                 nn.ReLU(),
             ]
@@ -180,7 +187,7 @@ def band_widths(n_freq: int, widths: tuple[int, ...] = (4, 8, 16)) -> list[int]:
     """
     edges = [0, n_freq // 4, n_freq // 2, n_freq]
     bands: list[int] = []
-    for (lo, hi), width in zip(zip(edges[:-1], edges[1:]), widths, strict=True):
+    for (lo, hi), width in zip(itertools.pairwise(edges), widths, strict=True):
         span = hi - lo
         bands += [width] * (span // width)
         if span % width:
@@ -217,7 +224,9 @@ class BandLinear(nn.Module):
         for first, count in self.groups:
             d_in, d_out = sizes_in[first], sizes_out[first]
             bound = d_in**-0.5  # nn.Linear's default initialisation
-            self.weight.append(nn.Parameter(torch.empty(count, d_in, d_out).uniform_(-bound, bound)))
+            self.weight.append(
+                nn.Parameter(torch.empty(count, d_in, d_out).uniform_(-bound, bound))
+            )
             self.bias.append(nn.Parameter(torch.empty(count, d_out).uniform_(-bound, bound)))
 
     def forward(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -284,7 +293,7 @@ class BandSplitRNN(SpectralModel):
         self,
         n_freq: int,
         channels: int = 32,
-        hidden: int = 48,
+        hidden: int = 32,
         blocks: int = 2,
         band_plan: tuple[int, ...] = (4, 8, 16),
         causal: bool = True,
@@ -296,6 +305,8 @@ class BandSplitRNN(SpectralModel):
         super().__init__()
         if features != "compressed_complex":
             raise ValueError("bsrnn_lite works on features='compressed_complex'")
+        if mask_bound <= 1:
+            raise ValueError(f"mask_bound must be > 1, got {mask_bound}")
         if output not in ("mapping", "mask"):
             raise ValueError(f"output must be 'mapping' or 'mask', got {output!r}")
         self.n_freq, self.features, self.exponent = n_freq, features, exponent
@@ -308,14 +319,16 @@ class BandSplitRNN(SpectralModel):
         self.blocks = nn.ModuleList(DualPathBlock(channels, hidden, causal) for _ in range(blocks))
         self.out_norm = nn.LayerNorm(channels)
         self.decode_hidden = BandLinear(self.bands, [channels] * n_bands, [2 * channels] * n_bands)
-        self.decode_out = BandLinear(self.bands, [2 * channels] * n_bands, [2 * w for w in self.bands])
+        self.decode_out = BandLinear(
+            self.bands, [2 * channels] * n_bands, [2 * w for w in self.bands]
+        )
         with torch.no_grad():  # start as the identity: zero residual (or a unit mask)
             for weight, bias in zip(self.decode_out.weight, self.decode_out.bias, strict=True):
                 weight.zero_()
                 bias.zero_()
 
     def estimate(self, features: torch.Tensor, reverberant: torch.Tensor) -> torch.Tensor:
-        b, _, t, f = features.shape
+        b, _, t, _ = features.shape
         x = features.permute(0, 2, 3, 1)  # (B, T, F, 2)
         # Band split: per group of equal-width bands, (B, T, count, 2 * width).
         chunks, start = [], 0
@@ -340,9 +353,12 @@ class BandSplitRNN(SpectralModel):
         if self.output == "mapping":
             estimate_c = compress_complex(reverberant, self.exponent) + delta
             return decompress_complex(estimate_c, self.exponent)
-        mask = 1 + delta  # bounded complex ratio mask, |mask| < mask_bound
+        # Bounded complex ratio mask: |mask| = bound * tanh(k |1 + delta| / bound) < bound, with
+        # k chosen so that a unit mask stays a unit mask (the untrained model passes X through).
+        mask = 1 + delta
         magnitude = mask.abs()
-        bounded = self.mask_bound * torch.tanh(magnitude / self.mask_bound)
+        k = self.mask_bound * math.atanh(1 / self.mask_bound)
+        bounded = self.mask_bound * torch.tanh(k * magnitude / self.mask_bound)
         return reverberant * mask * (bounded / (magnitude + 1e-8))
 
 
@@ -367,7 +383,7 @@ def build_model(name: str, n_freq: int, **kwargs) -> SpectralModel:
 def measure_speed(
     model: SpectralModel, n_frames: int = 126, repeats: int = 10, threads: int = 1
 ) -> float:
-    """Best-of-``repeats`` seconds for :meth:`SpectralModel.enhance_spec` on one ``n_frames`` input."""
+    """Best-of-``repeats`` seconds of ``enhance_spec`` on one random ``(1, n_frames, F)`` input."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

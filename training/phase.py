@@ -71,7 +71,8 @@ def _check_magnitude(magnitude: np.ndarray, config: StftConfig) -> np.ndarray:
     mag = np.asarray(magnitude)
     if np.iscomplexobj(mag):
         raise ValueError("expected a real magnitude spectrogram, got complex values")
-    mag = np.abs(mag.astype(np.float64))
+    # A model may emit small negative values; a magnitude below zero means "nothing here".
+    mag = np.maximum(mag.astype(np.float64), 0.0)
     if mag.ndim != 2 or mag.shape[1] != config.n_freq:
         raise ValueError(f"magnitude must be (frames, {config.n_freq}), got {mag.shape}")
     return mag
@@ -173,6 +174,10 @@ def gd_refine(
     result (from the reverberant phase): from a random signal it finds a far worse optimum.
 
     ``lr`` is relative to the RMS of ``init_signal`` so one setting works at any recording level.
+    Lower spectral convergence is not always better sounding: on a 3 s speech-like test signal
+    after 100 FGLA iterations, lr 0.01 raised PESQ-WB slightly (4.46 -> 4.51) while lr 0.1
+    reached a lower loss but dropped PESQ to 3.46 (Adam noise in low-energy regions, which the
+    energy-normalised loss barely sees). Keep lr small.
     Returns the signal with the lowest loss seen (Adam is not monotone) and the loss per
     iteration (entry 0 is the loss of ``init_signal``).
     """
@@ -264,7 +269,7 @@ def mel_invert(
     method: Literal["gla", "gla+gd"] = "gla",
     n_iter: int = 100,
     gd_iter: int = 100,
-    lr: float = 0.01,
+    lr: float = 0.003,
     fmin: float = 0.0,
     fmax: float | None = None,
     length: int | None = None,
@@ -280,7 +285,10 @@ def mel_invert(
     pseudo-inverse) and the waveform ``x`` (started at the Griffin-Lim output), minimising
     ``|| |STFT(x)| - M || / ||M||`` (STFT consistency) ``+ || M fb' - mel || / ||mel||`` (mel
     error). The pseudo-inverse only fills the filterbank's row space; letting ``M`` move lets
-    the consistency term choose the null-space part.
+    the consistency term choose the null-space part. ``lr`` (relative to the signal RMS and to
+    the magnitude scale) defaults lower than :func:`gd_refine`'s: on a speech-like test signal
+    lr 0.003 lowered the mel error (0.019 -> 0.013) at unchanged PESQ, lr 0.01 lowered it
+    further (0.010) but cost 0.45 PESQ.
     """
     mel = np.asarray(mel, dtype=np.float64)
     fb = mel_filterbank(fs, config.n_fft, n_mels, fmin, fmax)

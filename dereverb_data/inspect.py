@@ -1,0 +1,97 @@
+"""Describe a finished store: counts, hours, label distributions, size, and a picture."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from .store import SIGNALS, DatasetStore, StoreError, decode
+
+
+def read_index(url: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(url, mode="r")
+    if "index" not in group:
+        raise StoreError(f"{url}: no index; the build has not finished (run dereverb build again)")
+    index = group["index"]
+    return {name: index[name][:] for name in sorted(index.array_keys())}
+
+
+def describe_store(url: str) -> dict:
+    group = zarr.open_group(url, mode="r")
+    attrs = dict(group.attrs)
+    if attrs.get("format") != "dereverb-store":
+        raise StoreError(f"{url}: not a dereverb store (no format attribute)")
+    index = read_index(url)
+    fs = attrs["sample_rate"]
+    seconds = float(index["num_samples"].sum()) / fs
+    size = DatasetStore(url).size_bytes()
+    splits, counts = np.unique(index["split"], return_counts=True)
+
+    def dist(values: np.ndarray) -> dict:
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return {}
+        q = np.percentile(values, [0, 10, 50, 90, 100])
+        return dict(zip(("min", "p10", "median", "p90", "max"), np.round(q, 3).tolist()))
+
+    return {
+        "url": url,
+        "complete": bool(attrs.get("complete")),
+        "examples": int(index["example_id"].size),
+        "examples_per_split": {str(s): int(c) for s, c in zip(splits, counts, strict=True)},
+        "speakers": int(np.unique(index["speaker"]).size),
+        "rooms": int(np.unique(index["room_id"]).size),
+        "rirs": int(np.unique(index["rir_id"]).size),
+        "hours": round(seconds / 3600, 4),
+        "frames": int(attrs["n_frames"]),
+        "storage_dtype": attrs["storage_dtype"],
+        "stft": attrs["stft"],
+        "size_on_disk_bytes": size,
+        "bytes_per_second_of_audio": round(size / max(seconds, 1e-9), 1),
+        "labels": {
+            name: dist(index[name]) for name in ("rt60_t30", "rt60_t20", "drr_db", "c50_db", "distance_m")
+        },
+    }
+
+
+def format_description(d: dict) -> str:
+    lines = [
+        f"store          {d['url']}  ({'complete' if d['complete'] else 'INCOMPLETE'})",
+        f"examples       {d['examples']}  {d['examples_per_split']}",
+        f"speakers       {d['speakers']}   rooms {d['rooms']}   unique RIRs {d['rirs']}",
+        f"audio          {d['hours']:.3f} h in {d['frames']} STFT frames ({d['stft']})",
+        f"size on disk   {d['size_on_disk_bytes'] / 1e6:.1f} MB ({d['storage_dtype']}), "
+        f"{d['bytes_per_second_of_audio'] / 1e3:.1f} kB per second of audio",
+        "labels         min / p10 / median / p90 / max",
+    ]
+    for name, stats in d["labels"].items():
+        values = " / ".join(f"{stats.get(k, float('nan')):.3f}" for k in ("min", "p10", "median", "p90", "max"))
+        lines.append(f"  {name:<12} {values}")
+    return "\n".join(lines)
+
+
+def plot_store(url: str, path: str, example: int = 0) -> None:
+    """RT60 and DRR histograms, and one example's reverberant and clean spectrograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    group = zarr.open_group(url, mode="r")
+    index = read_index(url)
+    offset, count = int(index["frame_offset"][example]), int(index["frame_count"][example])
+    fs, hop = group.attrs["sample_rate"], group.attrs["stft"]["hop"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    axes[0, 0].hist(index["rt60_t30"][np.isfinite(index["rt60_t30"])], bins=20, color="tab:blue")
+    axes[0, 0].set(title="measured RT60 (T30)", xlabel="s", ylabel="examples")
+    axes[0, 1].hist(index["drr_db"][np.isfinite(index["drr_db"])], bins=20, color="tab:orange")
+    axes[0, 1].set(title="direct-to-reverberant ratio", xlabel="dB")
+    extent = (0, count * hop / fs, 0, fs / 2000)
+    for ax, name in zip(axes[1], SIGNALS, strict=True):
+        spec = decode(group[name][offset : offset + count])
+        db = 20 * np.log10(np.abs(spec).T + 1e-8)
+        ax.imshow(db, origin="lower", aspect="auto", extent=extent, vmin=db.max() - 80, vmax=db.max())
+        ax.set(title=f"{name}: {index['example_id'][example]}", xlabel="s", ylabel="kHz")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""Prefect flow ``build-dataset``: plan -> calibrate rooms -> simulate RIRs -> render shards -> finalize.
+
+A thin layer over :mod:`dereverb_data.build`: tasks pass the store URL and ids, never arrays.
+Idempotency lives in the library (done-markers, the content-addressed RIR bank), so tasks are
+not cached by Prefect and can simply be retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+
+from dereverb_data import build as steps
+from dereverb_data.manifest import load_manifest
+
+from .runners import task_runner
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(manifest_path: str, store_url: str) -> dict:
+    steps.limit_threads()
+    plan = steps.prepare_build(load_manifest(manifest_path), store_url)
+    return {
+        "summary": plan.summary(),
+        "rooms": steps.rooms_to_calibrate(plan),
+        "rirs": sorted(plan.rirs),
+        "shards": [s.shard_id for s in plan.shards],
+        "quarantined": [q.reason for q in plan.quarantined],
+    }
+
+
+@task(name="calibrate-room", cache_policy=NO_CACHE, retries=2)
+def calibrate_room_task(store_url: str, rir_id: str, rir_cache: str) -> bool:
+    steps.limit_threads()
+    return steps.calibrate_room_step(store_url, rir_id, rir_cache)
+
+
+@task(name="simulate-rir", cache_policy=NO_CACHE, retries=2)
+def simulate_rir_task(store_url: str, rir_id: str, rir_cache: str) -> bool:
+    steps.limit_threads()
+    return steps.simulate_rir_step(store_url, rir_id, rir_cache)
+
+
+@task(name="render-shard", cache_policy=NO_CACHE, retries=2)
+def render_shard_task(store_url: str, shard_id: int, rir_cache: str) -> dict:
+    steps.limit_threads()
+    result = steps.render_shard_step(store_url, shard_id, rir_cache)
+    return {"shard_id": result.shard_id, "rendered": result.rendered, "examples": result.examples}
+
+
+@task(name="finalize", cache_policy=NO_CACHE)
+def finalize_task(store_url: str) -> dict:
+    return steps.finalize_step(store_url)
+
+
+def _results(futures: list[PrefectFuture], what: str) -> list:
+    """Wait for mapped tasks, logging progress as they finish; a failed task raises here."""
+    logger = get_run_logger()
+    total = len(futures)
+    every = max(1, total // 10)
+    for finished, _ in enumerate(as_completed(futures), 1):
+        if finished % every == 0 or finished == total:
+            logger.info("%s: %d/%d done", what, finished, total)
+    return [future.result() for future in futures]
+
+
+def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: dict) -> str:
+    s = report["summary"]
+    lines = [
+        f"# Dataset build: {Path(manifest_path).name}",
+        f"Store: `{store_url}`",
+        "",
+        "| examples | hours | shards | unique RIRs | quarantined | size on disk |",
+        "|---|---|---|---|---|---|",
+        f"| {s['examples']} | {s['hours']:.3f} | {s['shards']} | {s['unique_rirs']} | "
+        f"{s['quarantined']} | {s['size_on_disk_bytes'] / 1e6:.1f} MB |",
+        "",
+        f"Examples per split: {s['examples_per_split']}; speakers per split: "
+        f"{s['speakers_per_split']}.",
+        f"RIRs simulated now: {counts['rirs_simulated']}, reused: {counts['rirs_reused']}; "
+        f"shards rendered now: {counts['shards_rendered']}, kept: {counts['shards_kept']}.",
+        "",
+        "| label | min | p10 | median | p90 | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in ("rt60_t30_s", "drr_db", "c50_db", "distance_m"):
+        d = s[label]
+        lines.append(
+            f"| {label} | {d.get('min')} | {d.get('p10')} | {d.get('median')} | {d.get('p90')} | "
+            f"{d.get('max')} |"
+        )
+    if s.get("rt60_in_requested_range") is not None:
+        lines.append(f"\nMeasured RT60 inside the requested range: {s['rt60_in_requested_range']:.0%}")
+    if report["quarantined"]:
+        lines += ["", "## Quarantined files", ""]
+        lines += [f"- `{q['file']}`: {q['reason']}" for q in report["quarantined"]]
+    return "\n".join(lines)
+
+
+@flow(name="build-dataset", log_prints=True)
+def build_dataset(
+    manifest_path: str,
+    store_url: str,
+    rir_cache: str | None = None,
+) -> dict:
+    """Build (or resume, or incrementally update) the store described by a manifest."""
+    logger = get_run_logger()
+    rir_cache = rir_cache or steps.default_rir_cache(store_url)
+    planned = plan_task(manifest_path, store_url)
+    logger.info("plan: %s", planned["summary"])
+    for reason in planned["quarantined"]:
+        logger.warning("quarantined: %s", reason)
+    common = (unmapped(store_url),)
+    calibrated = _results(
+        calibrate_room_task.map(*common, planned["rooms"], unmapped(rir_cache)), "room calibration"
+    )
+    simulated = _results(
+        simulate_rir_task.map(*common, planned["rirs"], unmapped(rir_cache)), "RIR simulation"
+    )
+    shards = _results(
+        render_shard_task.map(*common, planned["shards"], unmapped(rir_cache)), "shard render"
+    )
+    report = finalize_task(store_url)
+    counts = {
+        "rooms_calibrated": sum(calibrated),
+        "rirs_simulated": sum(simulated),
+        "rirs_reused": len(simulated) - sum(simulated),
+        "shards_rendered": sum(s["rendered"] for s in shards),
+        "shards_kept": sum(not s["rendered"] for s in shards),
+    }
+    report["counts"] = counts
+    logger.info("build counts: %s", counts)
+    create_markdown_artifact(
+        key="dataset-build",
+        markdown=markdown_summary(manifest_path, store_url, report, counts),
+        description=f"Build of {store_url}",
+    )
+    return report
+
+
+def run_build(
+    manifest_path: str,
+    store_url: str,
+    rir_cache: str | None = None,
+    workers: int | None = None,
+    dask_address: str | None = None,
+) -> dict:
+    """Run the flow with the task runner for ``workers`` / ``dask_address``."""
+    # Dask's own INFO lines (workers starting and closing) drown the build's progress.
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    runner = task_runner(workers, dask_address)
+    return build_dataset.with_options(task_runner=runner)(manifest_path, store_url, rir_cache)

@@ -1,0 +1,168 @@
+"""The ``dereverb`` command line: plan, build, inspect (and more as the product grows)."""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from dereverb_data.corpus import AudioError
+from dereverb_data.manifest import ManifestError, load_manifest
+from dereverb_data.rooms import PlacementError
+from dereverb_data.store import StoreError
+
+USER_ERRORS = (ManifestError, AudioError, StoreError, PlacementError, FileNotFoundError)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dereverb_data.corpus import scan_corpus
+    from dereverb_data.plan import make_plan
+
+    manifest = load_manifest(args.manifest)
+    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate)
+    plan = make_plan(manifest, utterances, quarantined)
+    print(json.dumps(plan.summary(), indent=2))
+    for q in plan.quarantined:
+        print(f"quarantined: {q.reason}")
+    if args.show:
+        print(f"\n{'example':<32} {'split':<6} {'room':<14} {'rir':<20} {'level dBFS':>10}")
+        for e in plan.examples[: args.show]:
+            level = f"{e.rms_dbfs:.1f}" if e.rms_dbfs is not None else "-"
+            print(f"{e.example_id:<32} {e.split:<6} {e.room_id:<14} {e.rir_id:<20} {level:>10}")
+    return 0
+
+
+def _watch(store_url: str, rir_cache: str, job: threading.Thread) -> None:
+    """Progress bars from what the build leaves in the store, so they work for any executor."""
+    from tqdm import tqdm
+
+    from dereverb_data.build import load_plan
+    from dereverb_data.rir_bank import RirBank
+    from dereverb_data.store import BUILD_DIR, DatasetStore
+
+    store = DatasetStore(store_url)
+    bars: dict[str, tqdm] = {}
+    plan = None
+    while job.is_alive() or plan is not None:
+        if plan is None and store.fs.exists(f"{store.root}/{BUILD_DIR}/plan.json") and store.exists():
+            try:
+                plan = load_plan(store_url)
+            except (OSError, ValueError):
+                plan = None
+            if plan is not None:
+                bars["rirs"] = tqdm(total=len(plan.rirs), desc="RIRs simulated", unit="rir")
+                bars["shards"] = tqdm(total=len(plan.shards), desc="shards rendered", unit="shard")
+        if plan is not None:
+            rirs = len(RirBank(rir_cache).rir_ids() & set(plan.rirs))
+            shards = sum(store.shard_is_done(s.shard_id, s.fingerprint) for s in plan.shards)
+            for name, value in (("rirs", rirs), ("shards", shards)):
+                bars[name].update(value - bars[name].n)
+            if not job.is_alive():
+                break
+        time.sleep(0.5)
+    for bar in bars.values():
+        bar.close()
+
+
+def _run_watched(work: Callable[[], dict], store_url: str, rir_cache: str, progress: bool) -> dict:
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["report"] = work()
+        except BaseException as exc:  # re-raised in the main thread below
+            outcome["error"] = exc
+
+    # Copy the context: the Prefect settings (API URL) live in context variables.
+    context = contextvars.copy_context()
+    job = threading.Thread(target=context.run, args=(target,), daemon=True)
+    job.start()
+    if progress:
+        _watch(store_url, rir_cache, job)
+    job.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["report"]
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from dereverb_data.build import default_rir_cache
+
+    from .build import run_build
+    from .server import prefect_server
+
+    load_manifest(args.manifest)  # fail on a bad manifest before starting anything
+    rir_cache = args.rir_cache or default_rir_cache(args.store)
+    with prefect_server():
+        report = _run_watched(
+            lambda: run_build(args.manifest, args.store, rir_cache, args.workers, args.dask_address),
+            args.store,
+            rir_cache,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    summary = report["summary"]
+    print(
+        f"built {args.store}: {summary['examples']} examples, {summary['hours']:.3f} h, "
+        f"{summary['shards']} shards, {summary['size_on_disk_bytes'] / 1e6:.1f} MB"
+    )
+    print("counts: " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()))
+    for item in report["quarantined"]:
+        print(f"quarantined: {item['reason']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dereverb_data.inspect import describe_store, format_description, plot_store
+
+    description = describe_store(args.store)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    if args.plot:
+        plot_store(args.store, args.plot, args.example)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dereverb", description="Reverberant speech datasets, models and evaluation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="validate a manifest and print its plan (simulates nothing)")
+    plan.add_argument("manifest")
+    plan.add_argument("--show", type=int, default=0, metavar="N", help="print the first N examples")
+    plan.set_defaults(func=cmd_plan)
+
+    build = sub.add_parser("build", help="build, resume or update a store from a manifest")
+    build.add_argument("manifest")
+    build.add_argument("--store", required=True, help="store path or URL (e.g. s3://bucket/x.zarr)")
+    build.add_argument("--rir-cache", help="RIR bank path or URL (default: inside the store)")
+    build.add_argument("--workers", type=int, help="worker processes (1: in-process; default: cores)")
+    build.add_argument("--dask-address", help="use an existing Dask scheduler, tcp://HOST:PORT")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(func=cmd_build)
+
+    inspect = sub.add_parser("inspect", help="describe a built store")
+    inspect.add_argument("store")
+    inspect.add_argument("--plot", metavar="FILE.png", help="draw label histograms and spectrograms")
+    inspect.add_argument("--example", type=int, default=0, help="example to draw (index row)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

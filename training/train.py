@@ -1,0 +1,355 @@
+"""Train a dereverberation model on a store: one config object, one readable loop.
+
+    from training.train import TrainConfig, train
+    metrics = train(TrainConfig(steps=2000), "stores/tiny.zarr", "runs/tiny")
+
+What happens, in order (read :func:`train` top to bottom):
+
+1. Build the model (``TrainConfig.model``, see ``training.models.MODELS``), AdamW, a linear
+   warmup + cosine learning-rate schedule and the loss (``training.losses.DereverbLoss``).
+2. If ``out_dir/checkpoint.pt`` exists, resume from it: weights, optimizer, scheduler, AMP
+   scaler, step and RNG states. The data needs no state: the batch of step ``s`` is a pure
+   function of ``(seed, s)`` (``training.data.sample_crop``), so a killed run restarted from its
+   last checkpoint ends with the same weights as a run that was never interrupted.
+3. Loop over steps: crops -> model -> loss -> backward -> clip -> step; log to TensorBoard
+   (``out_dir/tensorboard``) and a tqdm bar; every ``eval_every`` steps, SI-SDR of a few whole
+   validation examples; every ``checkpoint_every`` steps (and at the end) an atomic checkpoint.
+4. Return the final metrics (also written to ``out_dir/metrics.json``).
+
+Checkpoints hold only tensors and plain Python types (the config as a dict), so
+``torch.load(path, weights_only=True)`` reads them; :func:`load_model` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from dereverb_data.stft import StftConfig
+from training.data import CropDataset, ValidationDataset, crop_loader, open_store, torch_istft
+from training.losses import DereverbLoss, si_sdr
+from training.models import DEFAULT_MODEL, SpectralModel, build_model, count_parameters
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# Fields that may differ between a checkpoint and the run resuming it: they do not change the
+# weights the run ends with.
+RESUMABLE_CHANGES = frozenset(
+    {"num_workers", "device", "log_every", "eval_every", "eval_examples", "progress"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (plain types only: it is saved in checkpoints)."""
+
+    # model
+    model: str = DEFAULT_MODEL  # a key of training.models.MODELS
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra model arguments
+    features: str | None = None  # None: the model's own (see training.data.FEATURE_CHANNELS)
+    compress_exponent: float = 0.3  # power-law compression of features and losses
+    # data
+    train_split: str = "train"
+    valid_split: str = "valid"
+    crop_frames: int = 256  # 2.05 s at hop 128 / 16 kHz: longer than most reverberant tails
+    batch_size: int = 16
+    num_workers: int = 2
+    # optimisation
+    lr: float = 1e-3
+    min_lr: float = 1e-5  # end of the cosine decay
+    warmup_steps: int = 500
+    steps: int = 20_000
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # max gradient norm; <= 0 disables clipping
+    # loss weights (training.losses.DereverbLoss)
+    magnitude_weight: float = 0.7
+    complex_weight: float = 0.3
+    mrstft_weight: float = 0.0
+    # validation, logging, checkpoints
+    eval_every: int = 1000
+    eval_examples: int = 8  # whole validation examples scored (first ones of the split)
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    progress: bool = True  # tqdm bar
+    # run
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" (or "cuda:1", ...)
+    amp: bool = True  # mixed precision, used only on CUDA (bfloat16 where supported)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def model_arguments(config: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments for ``build_model`` from a config."""
+    kwargs = {"exponent": config.compress_exponent, **config.model_kwargs}
+    if config.features is not None:
+        kwargs["features"] = config.features
+    return kwargs
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Learning-rate multiplier for (0-based) ``step``: linear warmup, then cosine to min_lr."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    min_factor = config.min_lr / config.lr
+    return min_factor + (1 - min_factor) * cosine
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    current = config.to_dict()
+    changed = sorted(
+        key
+        for key in set(saved) | set(current)
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"the checkpoint in this out_dir was made with a different config ({details}); "
+            "use a new out_dir or the same config"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: SpectralModel,
+    examples: list[dict[str, Any]],
+    criterion: DereverbLoss,
+    stft: StftConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Loss and SI-SDR (dB, of the waveforms) of whole examples, and SI-SDR of the input."""
+    losses, scores, unprocessed = [], [], []
+    for example in examples:
+        reverberant = example["reverberant"].to(device).unsqueeze(0)
+        clean = example["clean"].to(device).unsqueeze(0)
+        estimate = model.enhance_spec(reverberant)
+        losses.append(criterion(estimate, clean)[0].item())
+        length = example["num_samples"]
+        clean_wave = torch_istft(clean, stft, length)
+        scores.append(si_sdr(torch_istft(estimate, stft, length), clean_wave).item())
+        unprocessed.append(si_sdr(torch_istft(reverberant, stft, length), clean_wave).item())
+    return {
+        "valid_loss": float(np.mean(losses)),
+        "valid_si_sdr": float(np.mean(scores)),
+        "valid_si_sdr_unprocessed": float(np.mean(unprocessed)),
+        "valid_si_sdr_improvement": float(np.mean(scores) - np.mean(unprocessed)),
+    }
+
+
+def train(
+    config: TrainConfig,
+    data_url: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    stop_at_step: int | None = None,
+) -> dict[str, float]:
+    """Train (or resume training) on the store at ``data_url``; write everything to ``out_dir``.
+
+    Resumes from ``out_dir/checkpoint.pt`` when it exists (the config must match, apart from
+    ``RESUMABLE_CHANGES``). ``stop_at_step`` returns after that step without a final checkpoint,
+    as if the process had been killed there (tests, time-sliced jobs); calling ``train`` again
+    continues from the last periodic checkpoint. Returns the latest metrics: ``step``,
+    ``train_loss``, ``lr``, ``valid_loss``, ``valid_si_sdr``, ``valid_si_sdr_unprocessed``,
+    ``valid_si_sdr_improvement`` (dB) and ``parameters``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16
+    if use_amp and not torch.cuda.is_bf16_supported():
+        amp_dtype = torch.float16
+
+    # --- model, optimizer, schedule, loss -----------------------------------------------------
+    store = open_store(data_url)
+    stft = store.stft_config
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, store.n_freq, **model_arguments(config)).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    criterion = DereverbLoss(
+        config.magnitude_weight,
+        config.complex_weight,
+        config.mrstft_weight,
+        exponent=config.compress_exponent,
+        stft=stft,
+    )
+
+    # --- resume -------------------------------------------------------------------------------
+    step = 0
+    metrics: dict[str, float] = {"parameters": count_parameters(model)}
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        _check_resumable(checkpoint["config"], config)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        _set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+        metrics.update(checkpoint["metrics"])
+        del checkpoint
+    _write_json(out_dir / "config.json", config.to_dict())
+
+    # --- data ---------------------------------------------------------------------------------
+    stop = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+    dataset = CropDataset(data_url, config.train_split, config.crop_frames, config.seed)
+    loader = crop_loader(
+        dataset,
+        config.batch_size,
+        start_step=step,
+        stop_step=stop,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    valid_examples = list(ValidationDataset(data_url, config.valid_split, config.eval_examples))
+
+    def make_checkpoint() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "rng": _rng_state(),
+            "config": config.to_dict(),
+            "model_name": config.model,
+            "model_kwargs": json.loads(json.dumps(model_arguments(config))),
+            "n_freq": store.n_freq,
+            "stft": {"n_fft": stft.n_fft, "hop": stft.hop, "window": stft.window},
+            "sample_rate": store.sample_rate,
+            "metrics": dict(metrics),
+        }
+
+    # --- the loop -----------------------------------------------------------------------------
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step)
+    progress = tqdm(total=config.steps, initial=step, disable=not config.progress, desc="train")
+    running_loss: list[torch.Tensor] = []
+    started = time.perf_counter()
+    model.train()
+    for batch in loader:
+        reverberant = batch["reverberant"].to(device, non_blocking=True)
+        clean = batch["clean"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            estimate = model(reverberant)
+        loss, parts = criterion(estimate, clean, mask)  # float32, outside autocast
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        else:
+            grad_norm = torch.zeros(())
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        running_loss.append(loss.detach())
+        progress.update()
+
+        if step % config.log_every == 0 or step == stop:
+            metrics["train_loss"] = torch.stack(running_loss).mean().item()
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            running_loss.clear()
+            writer.add_scalar("train/loss", metrics["train_loss"], step)
+            for name, value in parts.items():
+                writer.add_scalar(f"train/{name}", value.item(), step)
+            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+            writer.add_scalar("train/lr", metrics["lr"], step)
+            writer.add_scalar("train/steps_per_s", step / (time.perf_counter() - started), step)
+            progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+
+        if step % config.eval_every == 0 or step == config.steps:
+            metrics.update(evaluate(model, valid_examples, criterion, stft, device))
+            for name in ("valid_loss", "valid_si_sdr", "valid_si_sdr_improvement"):
+                writer.add_scalar(f"valid/{name.removeprefix('valid_')}", metrics[name], step)
+
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            metrics["step"] = step
+            save_checkpoint(checkpoint_path, make_checkpoint())
+
+    progress.close()
+    writer.close()
+    metrics["step"] = step
+    if step == config.steps:
+        _write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def load_model(
+    checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[SpectralModel, TrainConfig]:
+    """Rebuild the model of a checkpoint in eval mode on ``device``, with its training config.
+
+    ``model.enhance_spec(reverberant)`` then dereverberates complex ``(B, T, F)`` STFTs made with
+    ``checkpoint["stft"]`` (the training store's STFT settings).
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    model = build_model(
+        checkpoint["model_name"], checkpoint["n_freq"], **checkpoint["model_kwargs"]
+    )
+    model.load_state_dict(checkpoint["model"])
+    model.to(resolve_device(str(device)) if isinstance(device, str) else device)
+    model.eval()
+    return model, config
