@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .corpus import AudioError, load_utterance, scan_corpus
+from .inspect import distribution
 from .manifest import Manifest
 from .plan import Plan, make_plan
 from .render import render_pair
@@ -157,22 +158,40 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
 
 
 INDEX_STRING_COLUMNS = ("example_id", "split", "utterance_id", "speaker", "rir_id", "room_id")
-INDEX_INT_COLUMNS = ("variant", "frame_offset", "frame_count", "num_samples", "shard",
-                     "direct_index")
-INDEX_FLOAT_COLUMNS = ("gain", "clean_gain", "rms_dbfs", "rt60_t20", "rt60_t30", "drr_db",
-                       "c50_db", "distance_m", "target_rt60")
+INDEX_INT_COLUMNS = (
+    "variant",
+    "frame_offset",
+    "frame_count",
+    "num_samples",
+    "shard",
+    "direct_index",
+)
+INDEX_FLOAT_COLUMNS = (
+    "gain",
+    "clean_gain",
+    "rms_dbfs",
+    "rt60_t20",
+    "rt60_t30",
+    "drr_db",
+    "c50_db",
+    "distance_m",
+    "target_rt60",
+)
 
 
 def finalize_step(store_url: str) -> dict:
     """Write the index, the shard checksums and the build report; mark the store complete."""
     plan = load_plan(store_url)
     store = DatasetStore(store_url)
-    missing = [s.shard_id for s in plan.shards if not store.shard_is_done(s.shard_id, s.fingerprint)]
+    missing = [
+        s.shard_id for s in plan.shards if not store.shard_is_done(s.shard_id, s.fingerprint)
+    ]
     if missing:
         raise RuntimeError(f"{store_url}: shards {missing[:10]} are not done; run the build again")
     labels = {row["example_id"]: row for s in plan.shards for row in store.read_labels(s.shard_id)}
-    columns: dict[str, list] = {name: [] for name in
-                                (*INDEX_STRING_COLUMNS, *INDEX_INT_COLUMNS, *INDEX_FLOAT_COLUMNS)}
+    columns: dict[str, list] = {
+        name: [] for name in (*INDEX_STRING_COLUMNS, *INDEX_INT_COLUMNS, *INDEX_FLOAT_COLUMNS)
+    }
     columns["gain_limited"] = []
     for example in plan.examples:
         row = {**example.__dict__, **labels[example.example_id]}
@@ -200,14 +219,6 @@ def finalize_step(store_url: str) -> dict:
     return report
 
 
-def _distribution(values: np.ndarray) -> dict:
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return {}
-    q = np.percentile(values, [0, 10, 50, 90, 100])
-    return {k: round(float(v), 3) for k, v in zip(("min", "p10", "median", "p90", "max"), q)}
-
-
 def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) -> dict:
     manifest = plan.manifest
     rt60 = index["rt60_t30"]
@@ -217,11 +228,11 @@ def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) 
         in_range = round(float(np.mean((rt60 >= low) & (rt60 <= high))), 4)
     summary = {
         **plan.summary(),
-        "rt60_t30_s": _distribution(rt60),
+        "rt60_t30_s": distribution(rt60),
         "rt60_in_requested_range": in_range,
-        "drr_db": _distribution(index["drr_db"]),
-        "c50_db": _distribution(index["c50_db"]),
-        "distance_m": _distribution(index["distance_m"]),
+        "drr_db": distribution(index["drr_db"]),
+        "c50_db": distribution(index["c50_db"]),
+        "distance_m": distribution(index["distance_m"]),
         "gain_limited": int(index["gain_limited"].sum()),
         "clipped_sources": sum("clipped" in u.flags for u in plan.utterances.values()),
         "size_on_disk_bytes": store.size_bytes(),

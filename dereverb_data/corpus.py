@@ -66,7 +66,9 @@ def speaker_of(relative: Path, corpus: FolderCorpus) -> str:
     return match.group(1)
 
 
-def read_audio(path: str | Path, sample_rate: int, downmix: str = "mean") -> tuple[np.ndarray, int, int]:
+def read_audio(
+    path: str | Path, sample_rate: int, downmix: str = "mean"
+) -> tuple[np.ndarray, int, int]:
     """Mono float32 at ``sample_rate``; returns (signal, source rate, channel count)."""
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)

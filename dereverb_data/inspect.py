@@ -8,6 +8,19 @@ import zarr
 from .store import SIGNALS, DatasetStore, StoreError, decode
 
 
+def distribution(values: np.ndarray) -> dict:
+    """Min, deciles and median of the finite values (empty when there are none)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {}
+    q = np.percentile(values, [0, 10, 50, 90, 100])
+    return {
+        k: round(float(v), 3)
+        for k, v in zip(("min", "p10", "median", "p90", "max"), q, strict=True)
+    }
+
+
 def read_index(url: str) -> dict[str, np.ndarray]:
     group = zarr.open_group(url, mode="r")
     if "index" not in group:
@@ -27,13 +40,6 @@ def describe_store(url: str) -> dict:
     size = DatasetStore(url).size_bytes()
     splits, counts = np.unique(index["split"], return_counts=True)
 
-    def dist(values: np.ndarray) -> dict:
-        values = values[np.isfinite(values)]
-        if not values.size:
-            return {}
-        q = np.percentile(values, [0, 10, 50, 90, 100])
-        return dict(zip(("min", "p10", "median", "p90", "max"), np.round(q, 3).tolist()))
-
     return {
         "url": url,
         "complete": bool(attrs.get("complete")),
@@ -49,7 +55,8 @@ def describe_store(url: str) -> dict:
         "size_on_disk_bytes": size,
         "bytes_per_second_of_audio": round(size / max(seconds, 1e-9), 1),
         "labels": {
-            name: dist(index[name]) for name in ("rt60_t30", "rt60_t20", "drr_db", "c50_db", "distance_m")
+            name: distribution(index[name])
+            for name in ("rt60_t30", "rt60_t20", "drr_db", "c50_db", "distance_m")
         },
     }
 
@@ -65,7 +72,9 @@ def format_description(d: dict) -> str:
         "labels         min / p10 / median / p90 / max",
     ]
     for name, stats in d["labels"].items():
-        values = " / ".join(f"{stats.get(k, float('nan')):.3f}" for k in ("min", "p10", "median", "p90", "max"))
+        values = " / ".join(
+            f"{stats.get(k, float('nan')):.3f}" for k in ("min", "p10", "median", "p90", "max")
+        )
         lines.append(f"  {name:<12} {values}")
     return "\n".join(lines)
 
@@ -90,7 +99,9 @@ def plot_store(url: str, path: str, example: int = 0) -> None:
     for ax, name in zip(axes[1], SIGNALS, strict=True):
         spec = decode(group[name][offset : offset + count])
         db = 20 * np.log10(np.abs(spec).T + 1e-8)
-        ax.imshow(db, origin="lower", aspect="auto", extent=extent, vmin=db.max() - 80, vmax=db.max())
+        ax.imshow(
+            db, origin="lower", aspect="auto", extent=extent, vmin=db.max() - 80, vmax=db.max()
+        )
         ax.set(title=f"{name}: {index['example_id'][example]}", xlabel="s", ylabel="kHz")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -252,7 +252,7 @@ class Simulation(_Strict):
     """``auto`` uses the image method for short tails and ISM + ray tracing above a threshold."""
 
     method: Literal["auto", "ism", "hybrid"] = "auto"
-    hybrid_above_rt60_s: float = Field(0.35, gt=0)
+    hybrid_above_rt60_s: float = Field(0.25, gt=0)
     ism_order_hybrid: int = Field(3, ge=0, le=20)
     n_rays: int = Field(2000, ge=100)
     max_ism_order: int = Field(

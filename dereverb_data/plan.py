@@ -91,9 +91,7 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         manifest = Manifest.model_validate(data["manifest"])
-        utterances = [
-            Utterance(**{**u, "flags": tuple(u["flags"])}) for u in data["utterances"]
-        ]
+        utterances = [Utterance(**{**u, "flags": tuple(u["flags"])}) for u in data["utterances"]]
         quarantined = [Quarantined(**q) for q in data["quarantined"]]
         return make_plan(manifest, utterances, quarantined)
 
@@ -150,7 +148,7 @@ def make_plan(
     """Decide every example: split, room, placement, level, and where it lives in the store."""
     quarantined = list(quarantined or [])
     stft = StftConfig(manifest.stft.n_fft, manifest.stft.hop, manifest.stft.window)
-    tail = int(round(manifest.render.tail_ms * manifest.sample_rate / 1000))
+    tail = round(manifest.render.tail_ms * manifest.sample_rate / 1000)
     shard_frames = manifest.storage.frames_per_shard
     usable: list[Utterance] = []
     for utt in sorted(utterances, key=lambda u: u.utterance_id):
@@ -183,7 +181,9 @@ def make_plan(
     rirs: dict[str, RirSpec] = {}
     drafts = []
     split_rank = {name: i for i, name in enumerate(SPLIT_NAMES)}
-    for utt in sorted(usable, key=lambda u: (split_rank[speaker_splits[u.speaker]], u.utterance_id)):
+    for utt in sorted(
+        usable, key=lambda u: (split_rank[speaker_splits[u.speaker]], u.utterance_id)
+    ):
         split = speaker_splits[utt.speaker]
         split_rooms = [r for r in rooms.values() if r.split == split]
         for variant in range(manifest.variants_per_utterance):
@@ -204,8 +204,16 @@ def make_plan(
             )
 
     examples, shards = _pack(drafts, stft, shard_frames)
-    return Plan(manifest, {u.utterance_id: u for u in usable}, quarantined, rooms, rirs,
-                examples, shards, speaker_splits)
+    return Plan(
+        manifest,
+        {u.utterance_id: u for u in usable},
+        quarantined,
+        rooms,
+        rirs,
+        examples,
+        shards,
+        speaker_splits,
+    )
 
 
 def _render_config(manifest: Manifest) -> dict:

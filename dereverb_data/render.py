@@ -40,7 +40,7 @@ def direct_amplitude(rir: np.ndarray, direct_index: int, sample_rate: int) -> fl
     squared amplitude of the ideal impulse, so this is robust to where the peak falls between
     samples.
     """
-    half = int(round(DIRECT_WINDOW_MS * sample_rate / 1000))
+    half = round(DIRECT_WINDOW_MS * sample_rate / 1000)
     window = rir[max(0, direct_index - half) : direct_index + half + 1].astype(np.float64)
     return float(np.sign(rir[direct_index]) * np.sqrt(np.sum(window**2)))
 
@@ -71,7 +71,7 @@ def render_pair(
         n = min(dry.size, num_samples - d)
         target[d : d + n] = amplitude * dry[:n]
     else:
-        early = h[: d + int(round(manifest.target.early_ms * fs / 1000)) + 1]
+        early = h[: d + round(manifest.target.early_ms * fs / 1000) + 1]
         amplitude = 1.0
         target = _fit(fftconvolve(dry, early), num_samples)
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 import numpy as np
 
-from .acoustics import measure_rir
+from .acoustics import RirLabels, measure_rir
 from .manifest import OCTAVE_BANDS_HZ, Simulation
 from .rooms import SURFACES, Placement, RoomSpec
 from .seeds import derive_seed, stable_hash
@@ -82,7 +82,9 @@ def _ism_order(room: RoomSpec, scale: float) -> int:
         a * min(0.99, scale * np.mean(c[2:4])) for a, c in zip(areas, room.absorption, strict=True)
     )
     rt60 = 0.161 * volume / sabine_units
-    return int(np.ceil(343.0 * rt60 / min(room.dims) / 2.0)) + 1
+    # 1.5x the order whose images arrive within the Sabine RT60: at exactly that order the
+    # tail is cut off before it has decayed 45 dB, which breaks T30 (measured here).
+    return int(np.ceil(1.5 * 343.0 * rt60 / min(room.dims) / 2.0)) + 1
 
 
 def _materials(room: RoomSpec, scale: float) -> dict:
@@ -167,9 +169,10 @@ def calibrate_room(spec: RirSpec) -> Calibration:
     scale = (0.161 * volume / (surface * room.target_rt60)) / mean_mid
     measured = float("nan")
     iterations = 0
-    for iterations in range(1, spec.simulation.calibration_iterations + 2):
+    for _ in range(spec.simulation.calibration_iterations + 1):
+        iterations += 1
         rir = simulate(spec, scale, reference_placement(room))
-        measured = measure_rir(rir, spec.sample_rate).rt60_t30
+        measured = _rt60(measure_rir(rir, spec.sample_rate))
         if not np.isfinite(measured):
             break
         error = measured / room.target_rt60
@@ -248,6 +251,35 @@ def get_or_calibrate(bank: RirBank, spec: RirSpec) -> tuple[Calibration, bool]:
     return calibration, True
 
 
+def _rt60(labels: RirLabels) -> float:
+    return labels.rt60_t30 if np.isfinite(labels.rt60_t30) else labels.rt60_t20
+
+
+def place_in_range(
+    spec: RirSpec, scale: float, attempts: int = 2
+) -> tuple[float, np.ndarray, RirLabels]:
+    """Simulate at the room's calibrated absorption; if this placement's measured RT60 falls
+    outside the requested range (T30 depends on the placement: near the source the direct
+    sound steepens the early decay), nudge the absorption for this placement and resimulate."""
+    rir = simulate(spec, scale)
+    labels = measure_rir(rir, spec.sample_rate)
+    if spec.room.rt60_range is None:
+        return scale, rir, labels
+    low, high = spec.room.rt60_range
+    mean_mid = float(np.mean([np.mean(c[2:4]) for c in spec.room.absorption]))
+    for _ in range(attempts):
+        measured = _rt60(labels)
+        if not np.isfinite(measured) or low <= measured <= high:
+            break
+        wanted = float(np.clip(measured, low * 1.03, high / 1.03))
+        scale = float(
+            np.clip(round(scale * measured / wanted, 6), 0.05 / mean_mid, 0.99 / mean_mid)
+        )
+        rir = simulate(spec, scale)
+        labels = measure_rir(rir, spec.sample_rate)
+    return scale, rir, labels
+
+
 def get_or_simulate(bank: RirBank, spec: RirSpec) -> tuple[np.ndarray, dict, bool]:
     """The RIR and its labels, simulating (and calibrating the room) only when missing."""
     rir_id = spec.rir_id
@@ -255,16 +287,16 @@ def get_or_simulate(bank: RirBank, spec: RirSpec) -> tuple[np.ndarray, dict, boo
         rir, labels = bank.load_rir(rir_id)
         return rir, labels, False
     calibration, _ = get_or_calibrate(bank, spec)
-    rir = simulate(spec, calibration.scale)
-    method, order = spec.method(calibration.scale)
-    measured = measure_rir(rir, spec.sample_rate)
+    scale, rir, measured = place_in_range(spec, calibration.scale)
+    method, order = spec.method(scale)
     labels = {
         **measured.to_dict(),
         "distance_m": round(spec.placement.distance, 4),
         "rt60_method": "Schroeder backward integration, line fit -5..-25 dB (T20) / -5..-35 dB "
         "(T30), extrapolated to 60 dB",
         "target_rt60": spec.room.target_rt60,
-        "absorption_scale": calibration.scale,
+        "absorption_scale": scale,
+        "room_absorption_scale": calibration.scale,
         "simulation": method,
         "ism_order": order,
         "simulator": simulator_version(),

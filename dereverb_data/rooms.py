@@ -46,6 +46,7 @@ class RoomSpec:
     dims: tuple[float, float, float]
     absorption: tuple[tuple[float, ...], ...]
     target_rt60: float | None
+    rt60_range: tuple[float, float] | None = None  # every placement's measured RT60 goes here
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +54,7 @@ class RoomSpec:
     @property
     def spec_hash(self) -> str:
         # The id and split name are labels, not physics: equal rooms share a hash.
-        return stable_hash([self.dims, self.absorption, self.target_rt60])
+        return stable_hash([self.dims, self.absorption, self.target_rt60, self.rt60_range])
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,14 @@ def sample_room(config: Rooms, seed: int, split: str, index: int) -> RoomSpec:
         low, high = min(low, high), max(low, high)
         target = round(float(math.exp(rng.uniform(math.log(low), math.log(high)))), 4)
     absorption = _sample_absorption(config, rng)
-    return RoomSpec(f"{split}-room{index:03d}", split, dims, absorption, target)  # type: ignore[arg-type]
+    return RoomSpec(
+        f"{split}-room{index:03d}",
+        split,
+        dims,
+        absorption,
+        target,
+        config.rt60_s,  # type: ignore[arg-type]
+    )
 
 
 def _sample_absorption(config: Rooms, rng: np.random.Generator) -> tuple[tuple[float, ...], ...]:

@@ -217,7 +217,9 @@ class DatasetStore:
         stop = frame_start + frames
         return group["reverberant"][frame_start:stop], group["clean"][frame_start:stop]
 
-    def write_index(self, columns: dict[str, np.ndarray], checksums: list[str], attrs: dict) -> None:
+    def write_index(
+        self, columns: dict[str, np.ndarray], checksums: list[str], attrs: dict
+    ) -> None:
         group = zarr.open_group(self.url, mode="r+")
         if "index" in group:
             del group["index"]
@@ -225,7 +227,9 @@ class DatasetStore:
         for name, values in columns.items():
             values = np.asarray(values)
             dtype = "str" if values.dtype.kind in "UO" else values.dtype
-            array = index.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape or (1,))
+            array = index.create_array(
+                name, shape=values.shape, dtype=dtype, chunks=values.shape or (1,)
+            )
             array[:] = values
         if "shard_checksums" in group:
             del group["shard_checksums"]

@@ -1,4 +1,4 @@
-"""Prefect flow ``build-dataset``: plan -> calibrate rooms -> simulate RIRs -> render shards -> finalize.
+"""Prefect flow ``build-dataset``: plan, calibrate rooms, simulate RIRs, render shards, finalize.
 
 A thin layer over :mod:`dereverb_data.build`: tasks pass the store URL and ids, never arrays.
 Idempotency lives in the library (done-markers, the content-addressed RIR bank), so tasks are
@@ -95,7 +95,9 @@ def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: d
             f"{d.get('max')} |"
         )
     if s.get("rt60_in_requested_range") is not None:
-        lines.append(f"\nMeasured RT60 inside the requested range: {s['rt60_in_requested_range']:.0%}")
+        lines.append(
+            f"\nMeasured RT60 inside the requested range: {s['rt60_in_requested_range']:.0%}"
+        )
     if report["quarantined"]:
         lines += ["", "## Quarantined files", ""]
         lines += [f"- `{q['file']}`: {q['reason']}" for q in report["quarantined"]]

@@ -48,7 +48,11 @@ def _watch(store_url: str, rir_cache: str, job: threading.Thread) -> None:
     bars: dict[str, tqdm] = {}
     plan = None
     while job.is_alive() or plan is not None:
-        if plan is None and store.fs.exists(f"{store.root}/{BUILD_DIR}/plan.json") and store.exists():
+        if (
+            plan is None
+            and store.fs.exists(f"{store.root}/{BUILD_DIR}/plan.json")
+            and store.exists()
+        ):
             try:
                 plan = load_plan(store_url)
             except (OSError, ValueError):
@@ -99,7 +103,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     rir_cache = args.rir_cache or default_rir_cache(args.store)
     with prefect_server():
         report = _run_watched(
-            lambda: run_build(args.manifest, args.store, rir_cache, args.workers, args.dask_address),
+            lambda: run_build(
+                args.manifest, args.store, rir_cache, args.workers, args.dask_address
+            ),
             args.store,
             rir_cache,
             progress=not args.no_progress and sys.stderr.isatty(),
@@ -141,14 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("manifest")
     build.add_argument("--store", required=True, help="store path or URL (e.g. s3://bucket/x.zarr)")
     build.add_argument("--rir-cache", help="RIR bank path or URL (default: inside the store)")
-    build.add_argument("--workers", type=int, help="worker processes (1: in-process; default: cores)")
+    build.add_argument(
+        "--workers", type=int, help="worker processes (1: in-process; default: cores)"
+    )
     build.add_argument("--dask-address", help="use an existing Dask scheduler, tcp://HOST:PORT")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=cmd_build)
 
     inspect = sub.add_parser("inspect", help="describe a built store")
     inspect.add_argument("store")
-    inspect.add_argument("--plot", metavar="FILE.png", help="draw label histograms and spectrograms")
+    inspect.add_argument(
+        "--plot", metavar="FILE.png", help="draw label histograms and spectrograms"
+    )
     inspect.add_argument("--example", type=int, default=0, help="example to draw (index row)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=cmd_inspect)

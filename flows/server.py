@@ -39,7 +39,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_healthy(api_url: str, timeout_s: float = 90.0, process: subprocess.Popen | None = None) -> None:
+def wait_healthy(
+    api_url: str, timeout_s: float = 90.0, process: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -115,7 +117,6 @@ def _flush_logs() -> None:
     """Send buffered run logs while the server is still up (they go in the background)."""
     from prefect.logging.handlers import APILogWorker
 
-    try:
+    # A log we cannot send must not fail a finished build.
+    with contextlib.suppress(Exception):
         APILogWorker.drain_all(timeout=10)
-    except Exception:  # a log we cannot send must not fail a finished build
-        pass

@@ -45,8 +45,20 @@ def test_store_opens_with_plain_zarr(demo_store: str) -> None:
     assert group["reverberant"].shards == (attrs["frames_per_shard"], 257)
     n = attrs["n_examples"]
     assert n == index["example_id"].size == 48
-    assert set(index) >= {"split", "speaker", "rir_id", "frame_offset", "frame_count", "rt60_t30",
-                          "rt60_t20", "drr_db", "c50_db", "distance_m", "gain", "clean_gain"}
+    assert set(index) >= {
+        "split",
+        "speaker",
+        "rir_id",
+        "frame_offset",
+        "frame_count",
+        "rt60_t30",
+        "rt60_t20",
+        "drr_db",
+        "c50_db",
+        "distance_m",
+        "gain",
+        "clean_gain",
+    }
     assert group["shard_checksums"].shape == (attrs["n_shards"],)
 
 
@@ -186,7 +198,7 @@ def test_store_with_another_layout_is_refused_and_kept(demo_store: str, tmp_path
     text = DEMO_MANIFEST.read_text().replace("n_fft: 512, hop: 128", "n_fft: 256, hop: 64")
     other = tmp_path / "other.yaml"
     other.write_text(text)
-    with pytest.raises(StoreError, match="another layout.*stft"):
+    with pytest.raises(StoreError, match=r"another layout.*stft"):
         build_serial(load_manifest(other), str(copy))
     assert np.array_equal(zarr.open_group(str(copy), mode="r")["clean"][:], before)
 
@@ -197,9 +209,15 @@ def test_early_target_is_the_rir_up_to_the_window(tmp_path: Path) -> None:
         "seed": 3,
         "corpus": {"kind": "demo", "speakers": 3, "utterances_per_speaker": 1},
         "variants_per_utterance": 1,
-        "rooms": {"rooms_per_split": {"train": 1, "valid": 1, "test": 1}, "positions_per_room": 1,
-                  "length_m": [4, 5], "width_m": [3, 4], "height_m": [2.5, 3],
-                  "rt60_s": [0.3, 0.5], "distance_m": [1.0, 2.0]},
+        "rooms": {
+            "rooms_per_split": {"train": 1, "valid": 1, "test": 1},
+            "positions_per_room": 1,
+            "length_m": [4, 5],
+            "width_m": [3, 4],
+            "height_m": [2.5, 3],
+            "rt60_s": [0.3, 0.5],
+            "distance_m": [1.0, 2.0],
+        },
         "target": {"kind": "early", "early_ms": 50},
         "level": {"mode": "none"},
         "splits": {"train": 0.34, "valid": 0.33, "test": 0.33},
@@ -214,7 +232,7 @@ def test_early_target_is_the_rir_up_to_the_window(tmp_path: Path) -> None:
     for row in range(index["example_id"].size):
         rir, _ = bank.load_rir(str(index["rir_id"][row]))
         d = int(index["direct_index"][row])
-        window = d + int(round(0.050 * 16000)) + 1
+        window = d + round(0.050 * 16000) + 1
         utterance = load_utterance(plan.utterances[str(index["utterance_id"][row])], 16000)
         n = int(index["num_samples"][row])
         # Independent reference: direct time-domain convolution with the truncated RIR.

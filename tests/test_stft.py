@@ -20,15 +20,19 @@ def signal() -> np.ndarray:
 @pytest.mark.parametrize("n_fft,hop", [(512, 128), (256, 64), (1024, 256)])
 def test_matches_torch_stft(signal: np.ndarray, n_fft: int, hop: int) -> None:
     ours = stft(signal, StftConfig(n_fft, hop))
-    ref = torch.stft(
-        torch.from_numpy(signal).double(),
-        n_fft,
-        hop,
-        window=torch.hann_window(n_fft, dtype=torch.float64),
-        center=True,
-        pad_mode="constant",
-        return_complex=True,
-    ).numpy().T
+    ref = (
+        torch.stft(
+            torch.from_numpy(signal).double(),
+            n_fft,
+            hop,
+            window=torch.hann_window(n_fft, dtype=torch.float64),
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
+        )
+        .numpy()
+        .T
+    )
     assert ours.shape == ref.shape == (1 + signal.size // hop, n_fft // 2 + 1)
     assert np.max(np.abs(ours - ref)) < 1e-4 * np.max(np.abs(ref))
 
@@ -56,7 +60,9 @@ def test_istft_inverts(signal: np.ndarray, window: str) -> None:
     config = StftConfig(512, 128, window)
     back = istft(stft(signal, config), config, signal.size)
     error = back - signal
-    ser = 10 * np.log10(np.sum(signal.astype(np.float64) ** 2) / np.sum(error.astype(np.float64) ** 2))
+    ser = 10 * np.log10(
+        np.sum(signal.astype(np.float64) ** 2) / np.sum(error.astype(np.float64) ** 2)
+    )
     assert back.shape == signal.shape
     assert ser > 100
 

@@ -313,8 +313,9 @@ class BandSplitRNN(SpectralModel):
         self.output, self.mask_bound, self.causal = output, mask_bound, causal
         self.bands = band_widths(n_freq, band_plan)
         n_bands = len(self.bands)
-        # Each band: LayerNorm over its 2*w numbers (no affine: the band's linear map absorbs it),
-        # then its own linear map to ``channels``.
+        # Each band: its own linear map from its 2*w numbers to ``channels``. No normalisation
+        # here: a per-band, per-frame norm would erase the band's level, and the rise and decay
+        # of level over time is what tells direct sound from the reverberant tail.
         self.encode = BandLinear(self.bands, [2 * w for w in self.bands], [channels] * n_bands)
         self.blocks = nn.ModuleList(DualPathBlock(channels, hidden, causal) for _ in range(blocks))
         self.out_norm = nn.LayerNorm(channels)
@@ -335,7 +336,7 @@ class BandSplitRNN(SpectralModel):
         for first, count in self.encode.groups:
             width = self.bands[first]
             chunk = x[:, :, start : start + width * count].reshape(b, t, count, 2 * width)
-            chunks.append(F.layer_norm(chunk, (2 * width,)))
+            chunks.append(chunk)
             start += width * count
         z = torch.cat(self.encode(chunks), dim=2)  # (B, T, n_bands, C)
         for block in self.blocks:
