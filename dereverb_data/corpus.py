@@ -59,10 +59,14 @@ def speaker_of(relative: Path, corpus: FolderCorpus) -> str:
             raise AudioError(f"{relative}: no folder {rule.level} level(s) up for the speaker id")
         return parents[rule.level - 1].name
     if rule.kind == "filename_prefix":
-        return relative.name.split(rule.separator, 1)[0]
+        if rule.separator not in relative.stem:
+            raise AudioError(f"{relative}: no {rule.separator!r} in the name for the speaker id")
+        return relative.stem.split(rule.separator, 1)[0]
     match = re.search(rule.regex or "", relative.as_posix())
     if not match:
         raise AudioError(f"{relative}: speaker regex {rule.regex!r} does not match")
+    if not match.group(1):
+        raise AudioError(f"{relative}: speaker regex {rule.regex!r} captures no speaker id")
     return match.group(1)
 
 
@@ -134,9 +138,16 @@ def scan_corpus(
     files = _find_files(corpus)
     if not files:
         raise AudioError(f"corpus.path: no files match {corpus.pattern!r} under {root}")
+    seen: dict[str, Path] = {}
     for path in files:
         relative = path.relative_to(root)
+        utterance_id = relative.with_suffix("").as_posix()
         try:
+            if utterance_id in seen:
+                raise AudioError(
+                    f"{path}: same utterance id {utterance_id!r} as {seen[utterance_id]} "
+                    "(two files differ only in their suffix)"
+                )
             if path.suffix.lower() not in AUDIO_SUFFIXES:
                 raise AudioError(f"{path}: not a wav/flac/ogg file")
             speaker = speaker_of(relative, corpus)
@@ -149,9 +160,10 @@ def scan_corpus(
         except AudioError as exc:
             quarantined.append(Quarantined(str(path), str(exc)))
             continue
+        seen[utterance_id] = path
         utterances.append(
             Utterance(
-                utterance_id=relative.with_suffix("").as_posix(),
+                utterance_id=utterance_id,
                 speaker=speaker,
                 source=str(path),
                 content_hash=_file_hash(path),

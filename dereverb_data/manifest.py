@@ -395,7 +395,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
             message = item["msg"].removeprefix("Value error, ")
             # Model-level checks start their message with the field they are about.
             field, sep, rest = message.partition(": ")
-            if sep and field.isidentifier() and field.islower():
+            names_field = all(p.isidentifier() and p.islower() for p in field.split("."))
+            if sep and names_field and (not loc or loc[-1] != field):
                 where, message = f"{where}.{field}" if loc else field, rest
         lines.append(f"  - {where}: {message}")
     return "\n".join(lines)

@@ -230,14 +230,6 @@ def test_speaker_regex_without_match_quarantines_only_that_file(tmp_path: Path) 
     assert "does not match" in quarantined[0].reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "corpus.py speaker_of: filename_prefix on a name without the separator returns the "
-        "whole file name ('spk1-002.wav', suffix included) as a speaker id instead of "
-        "quarantining the file like the parent_dir and regex rules do when they cannot apply"
-    ),
-)
 def test_filename_prefix_without_separator_is_quarantined(tmp_path: Path) -> None:
     root = tmp_path / "spk"
     _write(root / "spk1_001.wav", _signal(0.6, SR, seed=1), SR)
@@ -249,14 +241,6 @@ def test_filename_prefix_without_separator_is_quarantined(tmp_path: Path) -> Non
     assert "spk1-002.wav" in quarantined[0].reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "corpus.py speaker_of: a regex whose group does not take part in the match (e.g. "
-        "'(spk\\d+)?') yields speaker None; the file is not quarantined and make_plan then "
-        "fails with TypeError comparing None and str"
-    ),
-)
 def test_speaker_regex_with_empty_group_is_quarantined(tmp_path: Path) -> None:
     root = tmp_path / "spk"
     _write(root / "spk1_001.wav", _signal(0.6, SR, seed=1), SR)
@@ -414,14 +398,6 @@ def test_missing_folder_names_the_path(tmp_path: Path) -> None:
     assert "not a folder" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "corpus.py scan_corpus: utterance_id is the relative path without its suffix, so "
-        "'spk/a.wav' and 'spk/a.flac' both become 'spk/a'; make_plan then keeps one of them in "
-        "plan.utterances (dict by id) and emits duplicate example ids, silently losing a file"
-    ),
-)
 def test_same_stem_with_two_suffixes_is_not_silently_merged(tmp_path: Path) -> None:
     root = tmp_path / "dup"
     _write(root / "spk/a.wav", _signal(0.6, SR, seed=1), SR)

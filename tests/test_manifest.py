@@ -216,14 +216,6 @@ def test_bad_field_in_yaml_file_names_file_and_field(
         assert part in message, f"{part!r} not in:\n{message}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "manifest.py _format_errors: a *field* validator message that starts with the field "
-        "name ('rms_dbfs: levels must be at most 0 dBFS') gets the name appended to a location "
-        "that already ends with it, so the path reads 'level.rms_dbfs.rms_dbfs'"
-    ),
-)
 def test_level_above_0_dbfs_names_level_rms_dbfs_once() -> None:
     with pytest.raises(ManifestError) as info:
         parse_manifest(_base(level={"rms_dbfs": [-30, 5]}), "bad.yaml")
