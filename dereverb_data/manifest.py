@@ -431,8 +431,8 @@ def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
         raise ManifestError(_format_errors(source, exc)) from None
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a YAML manifest file."""
+def load_manifest(path: str | Path, corpus_path: str | None = None) -> Manifest:
+    """Read and validate a YAML manifest file; ``corpus_path`` replaces ``corpus.path``."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -442,6 +442,8 @@ def load_manifest(path: str | Path) -> Manifest:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    if corpus_path is not None and isinstance(data, dict) and isinstance(data.get("corpus"), dict):
+        data["corpus"]["path"] = str(Path(corpus_path).expanduser().resolve())
     manifest = parse_manifest(data, str(path))
     if isinstance(manifest.corpus, FolderCorpus):
         corpus_path = Path(manifest.corpus.path).expanduser()

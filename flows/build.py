@@ -22,9 +22,9 @@ from .runners import task_runner
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(manifest_path: str, store_url: str) -> dict:
+def plan_task(manifest_path: str, store_url: str, corpus_path: str | None = None) -> dict:
     steps.limit_threads()
-    plan = steps.prepare_build(load_manifest(manifest_path), store_url)
+    plan = steps.prepare_build(load_manifest(manifest_path, corpus_path), store_url)
     return {
         "summary": plan.summary(),
         "rooms": steps.rooms_to_calibrate(plan),
@@ -109,11 +109,12 @@ def build_dataset(
     manifest_path: str,
     store_url: str,
     rir_cache: str | None = None,
+    corpus_path: str | None = None,
 ) -> dict:
     """Build (or resume, or incrementally update) the store described by a manifest."""
     logger = get_run_logger()
     rir_cache = rir_cache or steps.default_rir_cache(store_url)
-    planned = plan_task(manifest_path, store_url)
+    planned = plan_task(manifest_path, store_url, corpus_path)
     logger.info("plan: %s", planned["summary"])
     for reason in planned["quarantined"]:
         logger.warning("quarantined: %s", reason)
@@ -151,10 +152,12 @@ def run_build(
     rir_cache: str | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
+    corpus_path: str | None = None,
 ) -> dict:
     """Run the flow with the task runner for ``workers`` / ``dask_address``."""
     # Dask's own INFO lines (workers starting and closing) drown the build's progress.
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
     runner = task_runner(workers, dask_address)
-    return build_dataset.with_options(task_runner=runner)(manifest_path, store_url, rir_cache)
+    flow = build_dataset.with_options(task_runner=runner)
+    return flow(manifest_path, store_url, rir_cache, corpus_path)

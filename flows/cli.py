@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from dereverb_data.corpus import AudioError
 from dereverb_data.manifest import ManifestError, load_manifest
@@ -22,7 +23,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dereverb_data.corpus import scan_corpus
     from dereverb_data.plan import make_plan
 
-    manifest = load_manifest(args.manifest)
+    manifest = load_manifest(args.manifest, args.corpus)
     utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate)
     plan = make_plan(manifest, utterances, quarantined)
     print(json.dumps(plan.summary(), indent=2))
@@ -99,12 +100,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .build import run_build
     from .server import prefect_server
 
-    load_manifest(args.manifest)  # fail on a bad manifest before starting anything
+    load_manifest(args.manifest, args.corpus)  # fail on a bad manifest before starting anything
     rir_cache = args.rir_cache or default_rir_cache(args.store)
+    corpus = str(Path(args.corpus).resolve()) if args.corpus else None
     with prefect_server():
         report = _run_watched(
             lambda: run_build(
-                args.manifest, args.store, rir_cache, args.workers, args.dask_address
+                args.manifest, args.store, rir_cache, args.workers, args.dask_address, corpus
             ),
             args.store,
             rir_cache,
@@ -140,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="validate a manifest and print its plan (simulates nothing)")
     plan.add_argument("manifest")
+    plan.add_argument("--corpus", help="corpus folder (replaces corpus.path in the manifest)")
     plan.add_argument("--show", type=int, default=0, metavar="N", help="print the first N examples")
     plan.set_defaults(func=cmd_plan)
 
     build = sub.add_parser("build", help="build, resume or update a store from a manifest")
     build.add_argument("manifest")
     build.add_argument("--store", required=True, help="store path or URL (e.g. s3://bucket/x.zarr)")
+    build.add_argument("--corpus", help="corpus folder (replaces corpus.path in the manifest)")
     build.add_argument("--rir-cache", help="RIR bank path or URL (default: inside the store)")
     build.add_argument(
         "--workers", type=int, help="worker processes (1: in-process; default: cores)"
