@@ -20,12 +20,13 @@ import numpy as np
 
 from .corpus import AudioError, load_utterance, scan_corpus
 from .inspect import distribution
+from .lock import build_lock
 from .manifest import Manifest
 from .plan import Plan, make_plan
 from .render import render_pair
 from .rir_bank import RirBank, get_or_calibrate, get_or_simulate
 from .stft import stft
-from .store import BUILD_DIR, DatasetStore, encode, package_versions
+from .store import BUILD_DIR, DatasetStore, decode, encode, package_versions, shard_checksum
 
 THREAD_VARIABLES = ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -96,9 +97,42 @@ def simulate_rir_step(store_url: str, rir_id: str, rir_cache: str) -> bool:
 @dataclass
 class ShardResult:
     shard_id: int
-    rendered: bool
+    rendered: bool  # the shard was (re)written
     examples: int
+    examples_rendered: int = 0
+    examples_reused: int = 0  # copied from the previous version of the shard, unchanged
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _reusable_frames(store: DatasetStore, plan: Plan, shard_id: int) -> dict[str, tuple]:
+    """Examples of the shard's previous version that the new plan keeps unchanged.
+
+    Reused only when the old shard still matches its recorded checksum, so a repair never
+    copies damaged data, and only when an example's fingerprint and position are unchanged.
+    """
+    marker = store.marker(shard_id)
+    if marker is None:
+        return {}
+    try:
+        old_rows = {row["example_id"]: row for row in store.read_labels(shard_id)}
+        frames = plan.manifest.storage.frames_per_shard
+        rev, clean = store.read_shard(shard_id * frames, frames)
+    except (FileNotFoundError, KeyError, ValueError):
+        return {}
+    if shard_checksum(rev, clean) != marker.checksum:
+        return {}
+    reusable = {}
+    for example_id in plan.shards[shard_id].example_ids:
+        example, row = plan.example(example_id), old_rows.get(example_id)
+        if (
+            row
+            and row.get("fingerprint") == example.fingerprint
+            and row.get("frame_offset") == example.frame_offset
+        ):
+            start = example.frame_offset - shard_id * frames
+            stop = start + example.frame_count
+            reusable[example_id] = (decode(rev[start:stop]), decode(clean[start:stop]), row)
+    return reusable
 
 
 def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardResult:
@@ -106,8 +140,10 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
     plan = load_plan(store_url)
     shard = plan.shards[shard_id]
     store = DatasetStore(store_url)
+    n = len(shard.example_ids)
     if store.shard_is_done(shard_id, shard.fingerprint):
-        return ShardResult(shard_id, False, len(shard.example_ids))
+        return ShardResult(shard_id, False, n, examples_reused=n)
+    reusable = _reusable_frames(store, plan, shard_id)
     manifest = plan.manifest
     bank = RirBank(rir_cache)
     frames = manifest.storage.frames_per_shard
@@ -117,6 +153,12 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
     rows = []
     for example_id in shard.example_ids:
         example = plan.example(example_id)
+        start = example.frame_offset - shard.frame_start
+        stop = start + example.frame_count
+        if example_id in reusable:
+            blocks["rev"][start:stop], blocks["clean"][start:stop], row = reusable[example_id]
+            rows.append(row)
+            continue
         t0 = time.perf_counter()
         rir, rir_labels, _ = get_or_simulate(bank, plan.rirs[example.rir_id])
         t1 = time.perf_counter()
@@ -125,8 +167,6 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
         audio = load_utterance(utterance, manifest.sample_rate, downmix)
         rendered = render_pair(audio, rir, manifest, example.num_samples, example.rms_dbfs)
         t2 = time.perf_counter()
-        start = example.frame_offset - shard.frame_start
-        stop = start + example.frame_count
         blocks["rev"][start:stop] = stft(rendered.reverberant, plan.stft)
         blocks["clean"][start:stop] = stft(rendered.clean, plan.stft)
         t3 = time.perf_counter()
@@ -134,6 +174,8 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
         rows.append(
             {
                 "example_id": example_id,
+                "fingerprint": example.fingerprint,
+                "frame_offset": example.frame_offset,
                 "gain": rendered.gain,
                 "clean_gain": rendered.clean_gain,
                 "direct_index": rendered.direct_index,
@@ -145,16 +187,17 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
         )
     t4 = time.perf_counter()
     dtype = manifest.storage.dtype
-    store.write_labels(shard_id, rows)
     store.write_shard(
         shard_id,
         shard.frame_start,
         encode(blocks["rev"], dtype),
         encode(blocks["clean"], dtype),
         shard.fingerprint,
+        rows,
     )
     timing["write"] = time.perf_counter() - t4
-    return ShardResult(shard_id, True, len(rows), dict(timing))
+    reused = len(reusable)
+    return ShardResult(shard_id, True, n, n - reused, reused, dict(timing))
 
 
 INDEX_STRING_COLUMNS = ("example_id", "split", "utterance_id", "speaker", "rir_id", "room_id")
@@ -247,11 +290,21 @@ def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) 
 def build_serial(manifest: Manifest, store_url: str, rir_cache: str | None = None) -> dict:
     """The whole build in one process, in a plain loop: same steps as the flow, no Prefect."""
     rir_cache = rir_cache or default_rir_cache(store_url)
-    plan = prepare_build(manifest, store_url)
-    for rir_id in rooms_to_calibrate(plan):
-        calibrate_room_step(store_url, rir_id, rir_cache)
-    for rir_id in sorted(plan.rirs):
-        simulate_rir_step(store_url, rir_id, rir_cache)
-    for shard in plan.shards:
-        render_shard_step(store_url, shard.shard_id, rir_cache)
-    return finalize_step(store_url)
+    with build_lock(store_url):
+        plan = prepare_build(manifest, store_url)
+        for rir_id in rooms_to_calibrate(plan):
+            calibrate_room_step(store_url, rir_id, rir_cache)
+        simulated = [
+            simulate_rir_step(store_url, rir_id, rir_cache) for rir_id in sorted(plan.rirs)
+        ]
+        shards = [render_shard_step(store_url, s.shard_id, rir_cache) for s in plan.shards]
+        report = finalize_step(store_url)
+    report["counts"] = {
+        "rirs_simulated": sum(simulated),
+        "rirs_reused": len(simulated) - sum(simulated),
+        "shards_rendered": sum(s.rendered for s in shards),
+        "shards_kept": sum(not s.rendered for s in shards),
+        "examples_rendered": sum(s.examples_rendered for s in shards),
+        "examples_kept": sum(s.examples_reused for s in shards),
+    }
+    return report

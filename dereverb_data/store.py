@@ -56,10 +56,15 @@ def package_versions() -> dict[str, str]:
 
 
 def encode(spec: np.ndarray, dtype: str) -> np.ndarray:
-    """complex64 as is; float16 as a trailing (real, imag) axis."""
+    """complex64 as is; float16 as a trailing (real, imag) axis.
+
+    Adding zero turns -0.0 into +0.0: zarr drops chunks equal to the fill value (0), so a chunk
+    of -0.0 would read back as +0.0 and no longer match the checksum of what was written.
+    """
+    spec = spec + np.zeros((), dtype=spec.dtype)
     if dtype == "complex64":
         return spec.astype(np.complex64)
-    return np.stack([spec.real, spec.imag], axis=-1).astype(np.float16)
+    return np.stack([spec.real, spec.imag], axis=-1).astype(np.float16) + np.float16(0)
 
 
 def decode(stored: np.ndarray) -> np.ndarray:
@@ -127,7 +132,8 @@ class DatasetStore:
                 if group[name].shape != shape:
                     group[name].resize(shape)
         else:
-            group = zarr.open_group(self.url, mode="w-")
+            # Not "w-": the folder already holds the build lock (and maybe a RIR bank).
+            group = zarr.open_group(self.url, mode="a")
             compressors = ZstdCodec(level=1) if storage.compressor == "zstd" else None
             for name in SIGNALS:
                 group.create_array(
@@ -181,6 +187,11 @@ class DatasetStore:
             return None
         return ShardMarker(**json.loads(self.read_text(path)))
 
+    def remove_marker(self, shard_id: int) -> None:
+        path = f"{self.root}/{self._marker_path(shard_id)}"
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
     def shard_is_done(self, shard_id: int, fingerprint: str) -> bool:
         marker = self.marker(shard_id)
         return marker is not None and marker.fingerprint == fingerprint
@@ -202,12 +213,15 @@ class DatasetStore:
         reverberant: np.ndarray,
         clean: np.ndarray,
         fingerprint: str,
+        labels: list[dict],
     ) -> ShardMarker:
-        """Write one whole shard of both signals, then (only then) its done-marker."""
+        """Write one whole shard of both signals, then its labels, then (only then) its
+        done-marker: a crash at any point leaves no marker that vouches for other data."""
         group = zarr.open_group(self.url, mode="r+")
         stop = frame_start + reverberant.shape[0]
         group["reverberant"][frame_start:stop] = reverberant
         group["clean"][frame_start:stop] = clean
+        self.write_labels(shard_id, labels)
         marker = ShardMarker(shard_id, fingerprint, shard_checksum(reverberant, clean))
         self._write_text(self._marker_path(shard_id), json.dumps(marker.__dict__))
         return marker

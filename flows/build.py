@@ -16,7 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
 from dereverb_data import build as steps
+from dereverb_data.lock import build_lock
 from dereverb_data.manifest import load_manifest
+from dereverb_data.store import DatasetStore
+from dereverb_data.verify import forget_damaged_shards
 
 from .runners import task_runner
 
@@ -50,7 +53,12 @@ def simulate_rir_task(store_url: str, rir_id: str, rir_cache: str) -> bool:
 def render_shard_task(store_url: str, shard_id: int, rir_cache: str) -> dict:
     steps.limit_threads()
     result = steps.render_shard_step(store_url, shard_id, rir_cache)
-    return {"shard_id": result.shard_id, "rendered": result.rendered, "examples": result.examples}
+    return {
+        "shard_id": result.shard_id,
+        "rendered": result.rendered,
+        "examples_rendered": result.examples_rendered,
+        "examples_reused": result.examples_reused,
+    }
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
@@ -83,7 +91,8 @@ def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: d
         f"Examples per split: {s['examples_per_split']}; speakers per split: "
         f"{s['speakers_per_split']}.",
         f"RIRs simulated now: {counts['rirs_simulated']}, reused: {counts['rirs_reused']}; "
-        f"shards rendered now: {counts['shards_rendered']}, kept: {counts['shards_kept']}.",
+        f"shards rendered now: {counts['shards_rendered']}, kept: {counts['shards_kept']}; "
+        f"examples rendered now: {counts['examples_rendered']}, kept: {counts['examples_kept']}.",
         "",
         "| label | min | p10 | median | p90 | max |",
         "|---|---|---|---|---|---|",
@@ -135,6 +144,8 @@ def build_dataset(
         "rirs_reused": len(simulated) - sum(simulated),
         "shards_rendered": sum(s["rendered"] for s in shards),
         "shards_kept": sum(not s["rendered"] for s in shards),
+        "examples_rendered": sum(s["examples_rendered"] for s in shards),
+        "examples_kept": sum(s["examples_reused"] for s in shards),
     }
     report["counts"] = counts
     logger.info("build counts: %s", counts)
@@ -153,11 +164,20 @@ def run_build(
     workers: int | None = None,
     dask_address: str | None = None,
     corpus_path: str | None = None,
+    break_lock: bool = False,
+    repair: bool = False,
 ) -> dict:
-    """Run the flow with the task runner for ``workers`` / ``dask_address``."""
+    """Run the flow with the task runner for ``workers`` / ``dask_address``, holding the
+    store's build lock (one writer per store)."""
     # Dask's own INFO lines (workers starting and closing) drown the build's progress.
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
     runner = task_runner(workers, dask_address)
     flow = build_dataset.with_options(task_runner=runner)
-    return flow(manifest_path, store_url, rir_cache, corpus_path)
+    with build_lock(store_url, break_lock):
+        repaired = []
+        if repair and DatasetStore(store_url).exists():
+            repaired = forget_damaged_shards(store_url)
+        report = flow(manifest_path, store_url, rir_cache, corpus_path)
+    report["repaired_shards"] = repaired
+    return report

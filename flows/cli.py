@@ -106,7 +106,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     with prefect_server():
         report = _run_watched(
             lambda: run_build(
-                args.manifest, args.store, rir_cache, args.workers, args.dask_address, corpus
+                args.manifest,
+                args.store,
+                rir_cache,
+                args.workers,
+                args.dask_address,
+                corpus,
+                break_lock=args.break_lock,
+                repair=args.repair,
             ),
             args.store,
             rir_cache,
@@ -120,7 +127,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     print("counts: " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()))
     for item in report["quarantined"]:
         print(f"quarantined: {item['reason']}")
+    if report.get("repaired_shards"):
+        print(f"repaired shards: {report['repaired_shards']}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from dereverb_data.verify import verify_store
+
+    report = verify_store(args.store)
+    for line in report.lines():
+        print(line)
+    if report.ok:
+        print(f"ok: {report.shards_checked} shards match their checksums; index consistent")
+        return 0
+    print(
+        f"{len(report.damaged)} damaged shard(s), {len(report.problems)} other problem(s); "
+        "`dereverb build MANIFEST --store STORE --repair` rebuilds damaged shards"
+    )
+    return 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -156,7 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--dask-address", help="use an existing Dask scheduler, tcp://HOST:PORT")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument("--repair", action="store_true", help="rebuild shards that fail verify")
+    build.add_argument(
+        "--break-lock", action="store_true", help="take over a lock held from another host"
+    )
     build.set_defaults(func=cmd_build)
+
+    verify = sub.add_parser("verify", help="recompute checksums and check the index")
+    verify.add_argument("store")
+    verify.set_defaults(func=cmd_verify)
 
     inspect = sub.add_parser("inspect", help="describe a built store")
     inspect.add_argument("store")

@@ -1,0 +1,175 @@
+"""Operating a store: verify and repair, one writer per store, incremental regeneration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from dereverb_data.build import build_serial
+from dereverb_data.lock import StoreLocked, build_lock
+from dereverb_data.manifest import parse_manifest
+from dereverb_data.verify import verify_store
+
+from .conftest import REPO
+
+SMALL = {
+    "name": "ops",
+    "seed": 5,
+    "corpus": {"kind": "demo", "speakers": 4, "utterances_per_speaker": 2},
+    "variants_per_utterance": 2,
+    "rooms": {
+        "rooms_per_split": {"train": 5, "valid": 1, "test": 1},
+        "positions_per_room": 2,
+        "length_m": [4.0, 6.0],
+        "width_m": [3.0, 5.0],
+        "height_m": [2.5, 3.0],
+        "rt60_s": [0.3, 0.6],
+        "distance_m": [0.8, 2.0],
+    },
+    "storage": {"frames_per_chunk": 128, "frames_per_shard": 512},
+    "splits": {"train": 0.5, "valid": 0.25, "test": 0.25},
+}
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("ops") / "small.zarr")
+    build_serial(parse_manifest(SMALL), url)
+    return url
+
+
+def shard_files(url: str) -> dict[str, bytes]:
+    root = Path(url)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for name in ("reverberant", "clean")
+        for p in (root / name / "c").rglob("*")
+        if p.is_file()
+    }
+
+
+def cli(*args: str, api: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    if api:
+        env["PREFECT_API_URL"] = api
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_verify_names_a_flipped_byte_and_repair_restores_it(
+    small_store: str, tmp_path: Path, prefect_api: str
+) -> None:
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(small_store, store)
+    assert verify_store(str(store)).ok
+    original = shard_files(str(store))
+    victim = sorted(k for k in original if k.startswith("clean"))[2]  # clean/c/<shard>/0
+    shard_id = int(Path(victim).parts[2])
+    data = bytearray(original[victim])
+    data[len(data) // 3] ^= 0xFF
+    (store / victim).write_bytes(bytes(data))
+
+    report = verify_store(str(store))
+    assert list(report.damaged) == [shard_id]
+    result = cli("verify", str(store))
+    assert result.returncode == 1 and f"shard {shard_id}:" in result.stdout
+
+    manifest = tmp_path / "ops.yaml"
+    manifest.write_text(yaml.safe_dump(SMALL))
+    repaired = cli(
+        "build", str(manifest), "--store", str(store), "--workers", "1", "--repair", api=prefect_api
+    )
+    assert repaired.returncode == 0, repaired.stderr[-3000:]
+    assert f"repaired shards: [{shard_id}]" in repaired.stdout
+    assert "shards_rendered 1" in repaired.stdout
+    assert verify_store(str(store)).ok
+    assert cli("verify", str(store)).returncode == 0
+    assert shard_files(str(store)) == original  # bit-identical to the undamaged store
+
+
+def test_a_second_build_is_refused_naming_the_holder(small_store: str, tmp_path: Path) -> None:
+    store = tmp_path / "locked.zarr"
+    shutil.copytree(small_store, store)
+    before = shard_files(str(store))
+    with build_lock(str(store)) as holder:
+        with pytest.raises(StoreLocked) as error:
+            build_serial(parse_manifest(SMALL), str(store))
+        message = str(error.value)
+        assert f"pid {holder['pid']}" in message and socket.gethostname() in message
+        assert holder["started"] in message
+    assert shard_files(str(store)) == before
+    assert not (store / "_build" / "lock.json").exists()  # released
+
+
+def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    store = tmp_path / "stale.zarr"
+    # A real process that held the lock and died without releasing it (SIGKILL).
+    code = (
+        "import os, signal, sys\n"
+        "from dereverb_data.lock import build_lock\n"
+        f"with build_lock({str(store)!r}):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    dead = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120)
+    assert dead.returncode == -9
+    stale = json.loads((store / "_build" / "lock.json").read_text())
+    with build_lock(str(store)) as holder:
+        now = json.loads((store / "_build" / "lock.json").read_text())
+        assert now["token"] == holder["token"] != stale["token"]
+
+
+def test_changing_some_rooms_regenerates_only_what_changed(
+    small_store: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "incremental.zarr"
+    shutil.copytree(small_store, store)
+    before = shard_files(str(store))
+    old_index = zarr.open_group(str(store), mode="r")["index"]
+    old = {k: old_index[k][:] for k in ("example_id", "rir_id", "shard", "room_id")}
+
+    # New rooms for the test split only: its RIR specs change; train and valid do not.
+    changed = json.loads(json.dumps(SMALL))
+    changed["rooms"]["rooms_per_split"]["test"] = 2
+    report = build_serial(parse_manifest(changed), str(store))
+    counts = report["counts"]
+
+    new_index = zarr.open_group(str(store), mode="r")["index"]
+    new = {k: new_index[k][:] for k in ("example_id", "rir_id", "shard")}
+    assert np.array_equal(new["example_id"], old["example_id"])
+    changed_rows = new["rir_id"] != old["rir_id"]
+    assert changed_rows.any() and not changed_rows.all()
+    in_test_rooms = np.array([str(r).startswith("test") for r in old["room_id"]])
+    assert not (changed_rows & ~in_test_rooms).any()
+    new_rirs = set(new["rir_id"][changed_rows]) - set(old["rir_id"])
+    assert counts["rirs_simulated"] == len(new_rirs)
+    assert counts["rirs_reused"] == len(set(new["rir_id"])) - len(new_rirs)
+    assert counts["examples_rendered"] == int(changed_rows.sum())
+    assert counts["examples_kept"] == len(new["example_id"]) - int(changed_rows.sum())
+    touched = set(new["shard"][changed_rows])
+    assert counts["shards_rendered"] == len(touched)
+    after = shard_files(str(store))
+    for key, data in before.items():
+        shard = int(Path(key).parts[2])
+        if shard not in touched:
+            assert after[key] == data, key  # unchanged shards keep their bytes
+    # The result equals a fresh build of the changed manifest.
+    fresh = str(tmp_path / "fresh.zarr")
+    build_serial(parse_manifest(changed), fresh)
+    a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(fresh, mode="r")
+    assert list(a["shard_checksums"][:]) == list(b["shard_checksums"][:])
