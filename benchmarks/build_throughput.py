@@ -26,9 +26,9 @@ from pathlib import Path
 for _name in ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_name] = "1"
 
-import numpy as np
-import scipy.signal
-import yaml
+import numpy as np  # noqa: E402  (thread limits must be set before numpy loads BLAS)
+import scipy.signal  # noqa: E402
+import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -107,12 +107,8 @@ def our_serial_build(manifest, url: str) -> tuple[float, Counter, dict]:
     timing["plan"] += time.perf_counter() - t
     cache = steps.default_rir_cache(url)
     t = time.perf_counter()
-    for rir_id in steps.rooms_to_calibrate(plan):
-        steps.calibrate_room_step(url, rir_id, cache)
-    timing["rir (calibration)"] += time.perf_counter() - t
-    t = time.perf_counter()
-    for rir_id in sorted(plan.rirs):
-        steps.simulate_rir_step(url, rir_id, cache)
+    for room_id in steps.rirs_by_room(plan):
+        steps.simulate_room_step(url, room_id, cache)
     timing["rir"] += time.perf_counter() - t
     for shard in plan.shards:
         result = steps.render_shard_step(url, shard.shard_id, cache)
@@ -147,9 +143,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         tmp_path = Path(tmp)
         n_examples = len(make_plan(manifest, scan_corpus(manifest.corpus, 16000)[0]).examples)
-        print(f"corpus: {args.speakers} speakers x {args.utterances} utterances x "
-              f"{args.variants} variants = {n_examples} examples, RT60 0.3-1.2 s")
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+        print(
+            f"corpus: {args.speakers} speakers x {args.utterances} utterances x "
+            f"{args.variants} variants = {n_examples} examples, RT60 0.3-1.2 s"
+        )
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"python {platform.python_version()}"
+        )
 
         naive_s, naive_t = naive_build(manifest, tmp_path / "naive")
         ours_s, ours_t, report = our_serial_build(manifest, str(tmp_path / "serial.zarr"))
@@ -165,15 +166,18 @@ def main() -> None:
 
         print(f"\n{'build':<44} {'seconds':>8} {'examples/s':>11} {'vs naive':>9}")
         for name, seconds in rows:
-            print(f"{name:<44} {seconds:8.2f} {n_examples / seconds:11.2f} {naive_s / seconds:8.1f}x")
+            print(
+                f"{name:<44} {seconds:8.2f} {n_examples / seconds:11.2f} {naive_s / seconds:8.1f}x"
+            )
         print("\nper-stage seconds (naive | ours serial)")
-        for stage in ("rir", "rir (calibration)", "rir load", "convolution", "stft", "write",
-                      "plan", "finalize"):
+        for stage in ("rir", "rir load", "convolution", "stft", "write", "plan", "finalize"):
             print(f"  {stage:<20} {naive_t.get(stage, 0.0):8.2f} | {ours_t.get(stage, 0.0):8.2f}")
         summary = report["summary"]
-        print(f"\nours: {summary['unique_rirs']} unique RIRs for {n_examples} examples; measured "
-              f"RT60 in range: {summary['rt60_in_requested_range']:.0%}; "
-              f"rt60_t30 {json.dumps(summary['rt60_t30_s'])}")
+        print(
+            f"\nours: {summary['unique_rirs']} unique RIRs for {n_examples} examples; measured "
+            f"RT60 in range: {summary['rt60_in_requested_range']:.0%}; "
+            f"rt60_t30 {json.dumps(summary['rt60_t30_s'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from .lock import build_lock
 from .manifest import Manifest
 from .plan import Plan, make_plan
 from .render import render_pair
-from .rir_bank import RirBank, get_or_calibrate, get_or_simulate
+from .rir_bank import RirBank, get_or_simulate
 from .stft import stft
 from .store import BUILD_DIR, DatasetStore, decode, encode, package_versions, shard_checksum
 
@@ -72,26 +72,27 @@ def load_plan(store_url: str) -> Plan:
     return _plan_from_text(hashlib.sha256(text.encode()).hexdigest(), text)
 
 
-def rooms_to_calibrate(plan: Plan) -> list[str]:
-    """One RIR id per room in use: calibrating it calibrates the room."""
-    first: dict[str, str] = {}
-    for rir_id, spec in plan.rirs.items():
-        first.setdefault(spec.room.room_id, rir_id)
-    return [first[room] for room in sorted(first)]
+def rirs_by_room(plan: Plan) -> dict[str, list[str]]:
+    """The RIR ids of each room in use, in a stable order."""
+    rooms: dict[str, list[str]] = {}
+    for rir_id in sorted(plan.rirs):
+        rooms.setdefault(plan.rirs[rir_id].room.room_id, []).append(rir_id)
+    return dict(sorted(rooms.items()))
 
 
-def calibrate_room_step(store_url: str, rir_id: str, rir_cache: str) -> bool:
-    """Calibrate the absorption of ``rir_id``'s room; True if it was computed now."""
-    spec = load_plan(store_url).rirs[rir_id]
-    _, computed = get_or_calibrate(RirBank(rir_cache), spec)
-    return computed
+def simulate_room_step(store_url: str, room_id: str, rir_cache: str) -> tuple[int, int]:
+    """Calibrate a room (once) and simulate its missing RIRs: (simulated, reused).
 
-
-def simulate_rir_step(store_url: str, rir_id: str, rir_cache: str) -> bool:
-    """Simulate one RIR into the bank unless present; True if it was simulated now."""
-    spec = load_plan(store_url).rirs[rir_id]
-    _, _, simulated = get_or_simulate(RirBank(rir_cache), spec)
-    return simulated
+    One task per room rather than per RIR: a room's placements share its calibration, and
+    fewer, larger tasks keep the orchestration overhead small.
+    """
+    plan = load_plan(store_url)
+    bank = RirBank(rir_cache)
+    simulated = 0
+    rir_ids = rirs_by_room(plan)[room_id]
+    for rir_id in rir_ids:
+        simulated += get_or_simulate(bank, plan.rirs[rir_id])[2]
+    return simulated, len(rir_ids) - simulated
 
 
 @dataclass
@@ -292,16 +293,12 @@ def build_serial(manifest: Manifest, store_url: str, rir_cache: str | None = Non
     rir_cache = rir_cache or default_rir_cache(store_url)
     with build_lock(store_url):
         plan = prepare_build(manifest, store_url)
-        for rir_id in rooms_to_calibrate(plan):
-            calibrate_room_step(store_url, rir_id, rir_cache)
-        simulated = [
-            simulate_rir_step(store_url, rir_id, rir_cache) for rir_id in sorted(plan.rirs)
-        ]
+        rooms = [simulate_room_step(store_url, room, rir_cache) for room in rirs_by_room(plan)]
         shards = [render_shard_step(store_url, s.shard_id, rir_cache) for s in plan.shards]
         report = finalize_step(store_url)
     report["counts"] = {
-        "rirs_simulated": sum(simulated),
-        "rirs_reused": len(simulated) - sum(simulated),
+        "rirs_simulated": sum(new for new, _ in rooms),
+        "rirs_reused": sum(old for _, old in rooms),
         "shards_rendered": sum(s.rendered for s in shards),
         "shards_kept": sum(not s.rendered for s in shards),
         "examples_rendered": sum(s.examples_rendered for s in shards),

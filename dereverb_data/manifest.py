@@ -259,7 +259,7 @@ class Simulation(_Strict):
         60, ge=1, description="pure ISM above this order is refused: use hybrid"
     )
     calibration_iterations: int = Field(3, ge=0, le=10)
-    rt60_tolerance: float = Field(0.05, gt=0, lt=0.5)
+    rt60_tolerance: float = Field(0.08, gt=0, lt=0.5)
 
 
 class Target(_Strict):

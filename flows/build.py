@@ -1,4 +1,4 @@
-"""Prefect flow ``build-dataset``: plan, calibrate rooms, simulate RIRs, render shards, finalize.
+"""Prefect flow ``build-dataset``: plan, simulate RIRs per room, render shards, finalize.
 
 A thin layer over :mod:`dereverb_data.build`: tasks pass the store URL and ids, never arrays.
 Idempotency lives in the library (done-markers, the content-addressed RIR bank), so tasks are
@@ -30,23 +30,16 @@ def plan_task(manifest_path: str, store_url: str, corpus_path: str | None = None
     plan = steps.prepare_build(load_manifest(manifest_path, corpus_path), store_url)
     return {
         "summary": plan.summary(),
-        "rooms": steps.rooms_to_calibrate(plan),
-        "rirs": sorted(plan.rirs),
+        "rooms": list(steps.rirs_by_room(plan)),
         "shards": [s.shard_id for s in plan.shards],
         "quarantined": [q.reason for q in plan.quarantined],
     }
 
 
-@task(name="calibrate-room", cache_policy=NO_CACHE, retries=2)
-def calibrate_room_task(store_url: str, rir_id: str, rir_cache: str) -> bool:
+@task(name="simulate-room-rirs", cache_policy=NO_CACHE, retries=2)
+def simulate_room_task(store_url: str, room_id: str, rir_cache: str) -> tuple[int, int]:
     steps.limit_threads()
-    return steps.calibrate_room_step(store_url, rir_id, rir_cache)
-
-
-@task(name="simulate-rir", cache_policy=NO_CACHE, retries=2)
-def simulate_rir_task(store_url: str, rir_id: str, rir_cache: str) -> bool:
-    steps.limit_threads()
-    return steps.simulate_rir_step(store_url, rir_id, rir_cache)
+    return steps.simulate_room_step(store_url, room_id, rir_cache)
 
 
 @task(name="render-shard", cache_policy=NO_CACHE, retries=2)
@@ -128,20 +121,16 @@ def build_dataset(
     for reason in planned["quarantined"]:
         logger.warning("quarantined: %s", reason)
     common = (unmapped(store_url),)
-    calibrated = _results(
-        calibrate_room_task.map(*common, planned["rooms"], unmapped(rir_cache)), "room calibration"
-    )
-    simulated = _results(
-        simulate_rir_task.map(*common, planned["rirs"], unmapped(rir_cache)), "RIR simulation"
+    rooms = _results(
+        simulate_room_task.map(*common, planned["rooms"], unmapped(rir_cache)), "room RIRs"
     )
     shards = _results(
         render_shard_task.map(*common, planned["shards"], unmapped(rir_cache)), "shard render"
     )
     report = finalize_task(store_url)
     counts = {
-        "rooms_calibrated": sum(calibrated),
-        "rirs_simulated": sum(simulated),
-        "rirs_reused": len(simulated) - sum(simulated),
+        "rirs_simulated": sum(new for new, _ in rooms),
+        "rirs_reused": sum(old for _, old in rooms),
         "shards_rendered": sum(s["rendered"] for s in shards),
         "shards_kept": sum(not s["rendered"] for s in shards),
         "examples_rendered": sum(s["examples_rendered"] for s in shards),
