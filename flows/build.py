@@ -112,8 +112,13 @@ def build_dataset(
     store_url: str,
     rir_cache: str | None = None,
     corpus_path: str | None = None,
+    then_train: dict | None = None,
 ) -> dict:
-    """Build (or resume, or incrementally update) the store described by a manifest."""
+    """Build (or resume, or incrementally update) the store described by a manifest.
+
+    ``then_train`` (``{"config_path": ..., "out_dir": ...}``) kicks off the ``train-model``
+    flow on the finished store.
+    """
     logger = get_run_logger()
     rir_cache = rir_cache or steps.default_rir_cache(store_url)
     planned = plan_task(manifest_path, store_url, corpus_path)
@@ -143,6 +148,10 @@ def build_dataset(
         markdown=markdown_summary(manifest_path, store_url, report, counts),
         description=f"Build of {store_url}",
     )
+    if then_train:
+        from .train import train_model
+
+        report["training"] = train_model(store_url, **then_train)
     return report
 
 
@@ -155,6 +164,7 @@ def run_build(
     corpus_path: str | None = None,
     break_lock: bool = False,
     repair: bool = False,
+    then_train: dict | None = None,
 ) -> dict:
     """Run the flow with the task runner for ``workers`` / ``dask_address``, holding the
     store's build lock (one writer per store)."""
@@ -167,6 +177,6 @@ def run_build(
         repaired = []
         if repair and DatasetStore(store_url).exists():
             repaired = forget_damaged_shards(store_url)
-        report = flow(manifest_path, store_url, rir_cache, corpus_path)
+        report = flow(manifest_path, store_url, rir_cache, corpus_path, then_train)
     report["repaired_shards"] = repaired
     return report

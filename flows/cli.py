@@ -19,6 +19,12 @@ from dereverb_data.store import StoreError
 USER_ERRORS = (ManifestError, AudioError, StoreError, PlacementError, FileNotFoundError)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .train import TrainConfigError
+
+    return (*USER_ERRORS, TrainConfigError)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from dereverb_data.corpus import scan_corpus
     from dereverb_data.plan import make_plan
@@ -103,6 +109,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     load_manifest(args.manifest, args.corpus)  # fail on a bad manifest before starting anything
     rir_cache = args.rir_cache or default_rir_cache(args.store)
     corpus = str(Path(args.corpus).resolve()) if args.corpus else None
+    then_train = None
+    if args.then_train:
+        from .train import load_train_config
+
+        load_train_config(args.then_train)  # a bad training config fails before the build
+        out = args.train_out or str(Path("runs") / Path(args.store).stem)
+        then_train = {"config_path": str(Path(args.then_train).resolve()), "out_dir": out}
     with prefect_server():
         report = _run_watched(
             lambda: run_build(
@@ -114,6 +127,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 corpus,
                 break_lock=args.break_lock,
                 repair=args.repair,
+                then_train=then_train,
             ),
             args.store,
             rir_cache,
@@ -129,7 +143,73 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"quarantined: {item['reason']}")
     if report.get("repaired_shards"):
         print(f"repaired shards: {report['repaired_shards']}")
+    if "training" in report:
+        print(f"trained into {then_train['out_dir']}: " + _format_metrics(report["training"]))
     return 0
+
+
+def _format_metrics(metrics: dict) -> str:
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items())
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    from .train import load_train_config
+
+    overrides = {"model": args.model, "steps": args.steps, "device": args.device}
+    config = load_train_config(args.config, overrides)
+    metrics = train(config, args.data, args.out)
+    print(f"trained {config.model} into {args.out}: {_format_metrics(metrics)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+
+    table = evaluate(
+        args.checkpoint,
+        args.out,
+        data=args.data,
+        split=args.split,
+        speech=args.speech,
+        rirs=args.rirs,
+        phase=args.phase,
+        limit=args.limit,
+        pairs_per_rir=args.pairs_per_rir,
+    )
+    print(table)
+    print(f"per-example CSV, summary, plots and example audio in {args.out}")
+    return 0
+
+
+def cmd_enhance(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.enhance import EnhanceError, enhance_file, model_spec_fn, reconstruct_fn
+    from training.evaluate import load_checkpoint
+
+    model, config, rate = load_checkpoint(args.checkpoint)
+    spec_fn = reconstruct_fn(model_spec_fn(model, torch.device("cpu")), args.phase, config)
+    out_dir = Path(args.out)
+    failures = 0
+    for source in map(Path, args.inputs):
+        try:
+            written = enhance_file(
+                spec_fn,
+                source,
+                out_dir / source.name,
+                rate,
+                config,
+                progress=sys.stderr.isatty(),
+            )
+            print(f"{source} -> {written}")
+        except (EnhanceError, FileNotFoundError) as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -182,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dask-address", help="use an existing Dask scheduler, tcp://HOST:PORT")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.add_argument("--repair", action="store_true", help="rebuild shards that fail verify")
+    build.add_argument("--then-train", metavar="CONFIG", help="train on the store when built")
+    build.add_argument("--train-out", metavar="RUN_DIR", help="run folder for --then-train")
     build.add_argument(
         "--break-lock", action="store_true", help="take over a lock held from another host"
     )
@@ -190,6 +272,39 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="recompute checksums and check the index")
     verify.add_argument("store")
     verify.set_defaults(func=cmd_verify)
+
+    train = sub.add_parser("train", help="train (or resume) a model on a store")
+    train.add_argument("--data", required=True, help="store path or URL")
+    train.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
+    train.add_argument("--model", help="model name (default: the config's, else bsrnn_lite)")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--config", help="YAML file of TrainConfig fields")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint next to input, WPE, oracle")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--data", help="store to evaluate on")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--speech", help="folder of clean speech (real-room check)")
+    evaluate.add_argument("--rirs", help="folder of measured RIRs (real-room check)")
+    evaluate.add_argument("--phase", default="model", choices=["model", "fgla", "gd"])
+    evaluate.add_argument("--limit", type=int, help="at most N store examples")
+    evaluate.add_argument("--pairs-per-rir", type=int, default=4)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    enhance = sub.add_parser("enhance", help="dereverberate your own recordings")
+    enhance.add_argument("--checkpoint", required=True)
+    enhance.add_argument("inputs", nargs="+", metavar="IN")
+    enhance.add_argument("--out", required=True, help="output folder (never the input's)")
+    enhance.add_argument(
+        "--phase",
+        default="reverberant",
+        choices=["reverberant", "fgla", "gd"],
+        help="reverberant: the model's own output (complex models keep their phase)",
+    )
+    enhance.set_defaults(func=cmd_enhance)
 
     inspect = sub.add_parser("inspect", help="describe a built store")
     inspect.add_argument("store")
@@ -206,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,85 @@
+"""Prefect flows ``train-model`` and ``evaluate-model``: thin wrappers over ``training``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+
+class TrainConfigError(ValueError):
+    """A training config that cannot be used; the message names the file and field."""
+
+
+def load_train_config(path: str | None, overrides: dict[str, Any] | None = None):
+    """A TrainConfig from a YAML file of its fields (unknown fields are an error), plus
+    command-line overrides."""
+    from training.train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise TrainConfigError(f"{path}: a training config is a mapping of TrainConfig fields")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise TrainConfigError(f"{path or 'training config'}: {exc}") from None
+
+
+@flow(name="train-model", log_prints=True)
+def train_model(
+    data_url: str,
+    out_dir: str,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict:
+    """Train (or resume) a model on a store; publish the final validation metrics."""
+    from training.train import train
+
+    logger = get_run_logger()
+    config = load_train_config(config_path, overrides)
+    logger.info(
+        "training %s on %s for %d steps into %s", config.model, data_url, config.steps, out_dir
+    )
+    metrics = train(config, data_url, out_dir)
+    rows = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in sorted(metrics.items())
+    )
+    create_markdown_artifact(
+        key="training-run",
+        markdown=f"# Training run: {config.model}\n\nData `{data_url}`, run folder `{out_dir}`.\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n",
+        description=f"Training of {config.model}",
+    )
+    return metrics
+
+
+@flow(name="evaluate-model", log_prints=True)
+def evaluate_model(
+    checkpoint: str,
+    out_dir: str,
+    data_url: str | None = None,
+    split: str = "test",
+    speech_dir: str | None = None,
+    rir_dir: str | None = None,
+    phase: str = "model",
+    limit: int | None = None,
+) -> str:
+    """Score a checkpoint next to input, WPE and the oracle; publish the summary table."""
+    from training.evaluate import evaluate
+
+    table = evaluate(checkpoint, out_dir, data_url, split, speech_dir, rir_dir, phase, limit)
+    source = data_url or f"{speech_dir} x {rir_dir}"
+    create_markdown_artifact(
+        key="evaluation",
+        markdown=f"# Evaluation of `{checkpoint}`\n\nOn {source}.\n\n{table}",
+        description="Evaluation summary",
+    )
+    return table
