@@ -128,6 +128,8 @@ def open_store(
             f"{url} is not a {STORE_FORMAT!r} store of version {STORE_FORMAT_VERSION} "
             f"(format={attrs.get('format')!r}, version={attrs.get('format_version')!r})"
         )
+    if attrs.get("complete") is False or "index" not in group:
+        raise ValueError(f"{url} is not finished (no index yet): build it to the end first")
     index_group = group["index"]
     index = {name: _column(array) for name, array in index_group.arrays()}
     arrays = {name: group[name] for name in SIGNALS}

@@ -7,14 +7,15 @@ STFT ``(B, T, F)``, computes its own input features (``model.features``, see
 gradients, eval mode), so evaluation code does not care which model it holds.
 
 Registry (``MODELS``; ``build_model(name, n_freq, **kwargs)``). Parameters and cost below are
-for ``n_freq=257`` (n_fft 512) and the default arguments; "cost" is measured on one CPU thread
-(``torch.set_num_threads(1)``) for 1 s of 16 kHz audio (126 frames) on the development machine
-(a shared 2-core VM, so take it as an order of magnitude):
+for ``n_freq=257`` (n_fft 512) and the default arguments; "cost" is the best of 20 runs of
+``enhance_spec`` on one CPU thread (``torch.set_num_threads(1)``) for 1 s of 16 kHz audio
+(126 frames), measured on the development machine (a shared 2-core VM: an order of magnitude,
+not a benchmark). Both scale linearly with length (10 s: about 10x).
 
-- ``bsrnn_lite`` (default, :class:`BandSplitRNN`): about 0.11 M parameters, about 10-12 ms per
-  second of audio (80-100x real time). Causal.
-- ``unet`` (:class:`UNet`): about 1.4 M parameters, about 18-22 ms per second of audio.
-  Non-causal (the convolutions see +-16 frames at the bottleneck).
+- ``bsrnn_lite`` (default, :class:`BandSplitRNN`): 0.20 M parameters, about 15 ms per second
+  of audio (about 67x real time); 0.18 M and about 12 ms with ``causal=True``. Complex output.
+- ``unet`` (:class:`UNet`): 1.64 M parameters, about 12 ms per second of audio (about 85x real
+  time). Magnitude only (reverberant phase), non-causal (+-16 frames at the bottleneck).
 
 Run ``python -m training.models`` to print the numbers on your machine.
 """
@@ -33,6 +34,7 @@ from torch.nn import functional as F
 
 from training.data import (
     COMPRESS_EXPONENT,
+    FEATURE_CHANNELS,
     compress_complex,
     decompress_complex,
     spec_features,
@@ -90,19 +92,21 @@ def count_parameters(model: nn.Module) -> int:
 class UNet(SpectralModel):
     """2D U-Net on the compressed magnitude spectrogram, after Ernst et al. (EUSIPCO 2018).
 
-    Ernst et al. treat the magnitude STFT as an image and use the pix2pix U-Net generator:
-    an encoder of 5x5 convolutions with stride 2 (batch norm, LeakyReLU 0.2), a mirrored
-    decoder of 5x5 transposed convolutions with stride 2 (batch norm, ReLU, dropout 0.5 in the
-    innermost decoder layers) and skip connections that concatenate each encoder output onto the
-    decoder layer of the same size. It predicts the clean magnitude, which is combined with the
-    reverberant phase.
+    Ernst et al. treat the reverberant magnitude STFT as an image and map it to the clean one
+    with a U-Net in the style of the pix2pix generator (which their GAN variant also uses):
+    an encoder of stride-2 convolutions (batch norm, LeakyReLU 0.2, none on the first layer),
+    a mirrored decoder of stride-2 transposed convolutions (batch norm, ReLU, dropout 0.5 in
+    the innermost decoder layers) and skip connections that concatenate each encoder output
+    onto the decoder layer of the same size. The estimated clean magnitude is combined with
+    the reverberant phase.
 
-    Scaled down for CPU training: 5 levels with widths ``(16, 32, 64, 128, 128)`` (the paper's
-    generator has 8 levels with 64-512 channels, about 54 M parameters) and any number of frames
-    (the input is zero-padded to a multiple of ``2**depth`` frames and cropped back). Like their
-    128-bin images it drops the Nyquist bin (predicting 0 there) so the ``F - 1`` remaining bins
-    halve cleanly. Input and output are ``|X|^0.3`` (``features="compressed_magnitude"``, the
-    output kept non-negative by a softplus) or ``log|X|`` (``features="log_magnitude"``).
+    Scaled down for CPU training: 5 levels with widths ``(16, 32, 64, 128, 128)`` and 5x5
+    kernels, 1.64 M parameters (pix2pix has 8 levels of 64-512 channels; the exact sizes here
+    are ours, not the paper's), on any number of frames (zero-padded to a multiple of
+    ``2**depth`` frames, cropped back). Like an image of ``2**k`` rows, it drops the Nyquist
+    bin (predicting 0 there) so the ``F - 1`` remaining bins halve cleanly. Input and output
+    are ``|X|^0.3`` (``features="compressed_magnitude"``, the output kept non-negative by a
+    softplus) or ``log|X|`` (``features="log_magnitude"``).
     """
 
     def __init__(
@@ -265,7 +269,10 @@ class DualPathBlock(nn.Module):
 class BandSplitRNN(SpectralModel):
     """Frequency-aware band-split RNN ("bsrnn_lite"), after Luo & Yu's BSRNN (2023), scaled down.
 
-    Input: the compressed complex STFT ``|X|^0.3 e^{j angle X}`` (real and imaginary parts).
+    Input: the compressed complex STFT ``|X|^0.3 e^{j angle X}``: real part, imaginary part and
+    (``magnitude_input=True``) its magnitude ``|X|^0.3``, which hands the network the level of
+    each bin without making it learn a modulus from a linear map. (``features=`` may pick
+    another of ``FEATURE_CHANNELS``; a magnitude-only input then needs ``output="mask"``.)
     Built around three facts about reverberant speech that a 2D CNN ignores:
 
     - *Frequency is not shift-invariant.* The spectrum is cut into bands (narrow at low
@@ -276,17 +283,22 @@ class BandSplitRNN(SpectralModel):
       each band sees the whole spectrum (the harmonic comb, the formants).
     - *The reverberant tail is long and serial.* Per band, an LSTM runs over time; its state
       carries the decaying energy of past frames, which is what late reverberation is made of
-      (as in WPE's linear prediction). It is causal by default (``causal=True``): the model
-      runs frame by frame with one STFT frame of latency. ``causal=False`` makes it a BLSTM.
+      (as in WPE's linear prediction). By default it is a bidirectional LSTM (``causal=False``):
+      offline enhancement of whole recordings, where seeing the next onsets helps. With
+      ``causal=True`` it is a forward LSTM and the whole model is causal (every other layer
+      works within one frame): it can run frame by frame with one STFT frame of latency.
 
     Output (``output=``): ``"mapping"`` (default), complex spectral mapping in the compressed
     domain, residual on the input (the decoder's last layer starts at zero, so the untrained
     model is the identity): ``Y_c = X_c + D``, then decompressed; or ``"mask"``, a complex ratio
     mask on the (uncompressed) reverberant STFT with its magnitude bounded by ``mask_bound``
-    through a tanh.
+    through a tanh (starting as the unit mask).
 
-    Defaults (``channels=32, hidden=48, blocks=2``, 32 bands at 257 bins): about 0.11 M
-    parameters and 10-12 ms per second of audio on one CPU thread.
+    Defaults (``channels=32, hidden=32, blocks=2``, 32 bands at 257 bins): 0.20 M parameters,
+    about 15 ms per second of audio on one CPU thread (about 12 ms with ``causal=True``). The
+    speed target (>= 50x real time on one thread), not the parameter budget, sets the size:
+    the LSTMs take most of the time. For GPU training, ``channels=64, hidden=96, blocks=4``
+    gives 1.5 M parameters.
     """
 
     def __init__(
@@ -296,19 +308,25 @@ class BandSplitRNN(SpectralModel):
         hidden: int = 32,
         blocks: int = 2,
         band_plan: tuple[int, ...] = (4, 8, 16),
-        causal: bool = True,
+        causal: bool = False,
         output: str = "mapping",
         mask_bound: float = 2.0,
+        magnitude_input: bool = True,
         features: str = "compressed_complex",
         exponent: float = COMPRESS_EXPONENT,
     ):
         super().__init__()
-        if features != "compressed_complex":
-            raise ValueError("bsrnn_lite works on features='compressed_complex'")
+        if features not in FEATURE_CHANNELS:
+            raise ValueError(f"unknown features {features!r}; choose one of {FEATURE_CHANNELS}")
         if mask_bound <= 1:
             raise ValueError(f"mask_bound must be > 1, got {mask_bound}")
         if output not in ("mapping", "mask"):
             raise ValueError(f"output must be 'mapping' or 'mask', got {output!r}")
+        if output == "mapping" and features != "compressed_complex":
+            # A complex residual needs the phase it corrects; magnitude inputs can only mask.
+            raise ValueError(
+                f"output='mapping' needs features='compressed_complex', not {features!r}"
+            )
         self.n_freq, self.features, self.exponent = n_freq, features, exponent
         self.output, self.mask_bound, self.causal = output, mask_bound, causal
         self.bands = band_widths(n_freq, band_plan)
@@ -316,7 +334,11 @@ class BandSplitRNN(SpectralModel):
         # Each band: its own linear map from its 2*w numbers to ``channels``. No normalisation
         # here: a per-band, per-frame norm would erase the band's level, and the rise and decay
         # of level over time is what tells direct sound from the reverberant tail.
-        self.encode = BandLinear(self.bands, [2 * w for w in self.bands], [channels] * n_bands)
+        self.magnitude_input = magnitude_input and features == "compressed_complex"
+        in_channels = FEATURE_CHANNELS[features] + int(self.magnitude_input)
+        self.encode = BandLinear(
+            self.bands, [in_channels * w for w in self.bands], [channels] * n_bands
+        )
         self.blocks = nn.ModuleList(DualPathBlock(channels, hidden, causal) for _ in range(blocks))
         self.out_norm = nn.LayerNorm(channels)
         self.decode_hidden = BandLinear(self.bands, [channels] * n_bands, [2 * channels] * n_bands)
@@ -330,12 +352,15 @@ class BandSplitRNN(SpectralModel):
 
     def estimate(self, features: torch.Tensor, reverberant: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = features.shape
-        x = features.permute(0, 2, 3, 1)  # (B, T, F, 2)
-        # Band split: per group of equal-width bands, (B, T, count, 2 * width).
+        if self.magnitude_input:  # |X|^c next to its real and imaginary parts
+            magnitude = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+            features = torch.cat([features, magnitude], dim=1)
+        x = features.permute(0, 2, 3, 1)  # (B, T, F, C)
+        # Band split: per group of equal-width bands, (B, T, count, C * width).
         chunks, start = [], 0
         for first, count in self.encode.groups:
             width = self.bands[first]
-            chunk = x[:, :, start : start + width * count].reshape(b, t, count, 2 * width)
+            chunk = x[:, :, start : start + width * count].reshape(b, t, count, -1)
             chunks.append(chunk)
             start += width * count
         z = torch.cat(self.encode(chunks), dim=2)  # (B, T, n_bands, C)

@@ -259,7 +259,10 @@ def train(
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
     )
-    valid_examples = list(ValidationDataset(data_url, config.valid_split, config.eval_examples))
+    valid_examples = []
+    if config.eval_examples > 0:
+        valid = ValidationDataset(data_url, config.valid_split, config.eval_examples)
+        valid_examples = list(valid)  # a few whole examples, kept in memory
 
     def make_checkpoint() -> dict[str, Any]:
         return {
@@ -279,10 +282,10 @@ def train(
         }
 
     # --- the loop -----------------------------------------------------------------------------
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step)
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
     progress = tqdm(total=config.steps, initial=step, disable=not config.progress, desc="train")
     running_loss: list[torch.Tensor] = []
-    started = time.perf_counter()
+    first_step, started = step, time.perf_counter()
     model.train()
     for batch in loader:
         reverberant = batch["reverberant"].to(device, non_blocking=True)
@@ -316,10 +319,11 @@ def train(
                 writer.add_scalar(f"train/{name}", value.item(), step)
             writer.add_scalar("train/grad_norm", grad_norm.item(), step)
             writer.add_scalar("train/lr", metrics["lr"], step)
-            writer.add_scalar("train/steps_per_s", step / (time.perf_counter() - started), step)
+            speed = (step - first_step) / (time.perf_counter() - started)
+            writer.add_scalar("train/steps_per_s", speed, step)
             progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
 
-        if step % config.eval_every == 0 or step == config.steps:
+        if valid_examples and (step % config.eval_every == 0 or step == config.steps):
             metrics.update(evaluate(model, valid_examples, criterion, stft, device))
             for name in ("valid_loss", "valid_si_sdr", "valid_si_sdr_improvement"):
                 writer.add_scalar(f"valid/{name.removeprefix('valid_')}", metrics[name], step)
@@ -350,6 +354,6 @@ def load_model(
         checkpoint["model_name"], checkpoint["n_freq"], **checkpoint["model_kwargs"]
     )
     model.load_state_dict(checkpoint["model"])
-    model.to(resolve_device(str(device)) if isinstance(device, str) else device)
+    model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, config
