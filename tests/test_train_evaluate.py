@@ -20,7 +20,7 @@ from training.evaluate import SYSTEMS, direct_path_window, evaluate, load_rir
 
 from .conftest import DEMO_MANIFEST, REPO
 
-TRAIN_DEMO = REPO / "manifests" / "train-demo.yaml"
+TRAIN_DEMO = REPO / "manifests" / "training" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
