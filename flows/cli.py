@@ -212,6 +212,27 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import prefect
+
+    from .deployments import deployments
+    from .server import prefect_server
+    from .train import train_deployment
+
+    load_manifest(args.manifest)
+    with prefect_server() as api:
+        served = deployments(
+            args.manifest, args.store, args.cron or None, args.workers, args.dask_address
+        )
+        if args.train_config:
+            out = args.train_out or str(Path("runs") / Path(args.store).stem)
+            served.append(train_deployment(args.store, out, args.train_config))
+        names = ", ".join(f"{d.flow_name}/{d.name}" for d in served)
+        print(f"serving {names} against {api} (Ctrl-C to stop)", flush=True)
+        prefect.serve(*served, limit=1, print_starting_message=False)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from dereverb_data.verify import verify_store
 
@@ -268,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--break-lock", action="store_true", help="take over a lock held from another host"
     )
     build.set_defaults(func=cmd_build)
+
+    serve = sub.add_parser("serve", help="serve build/regenerate(/train) deployments")
+    serve.add_argument("manifest")
+    serve.add_argument("--store", required=True)
+    serve.add_argument("--cron", default="0 2 * * *", help="nightly build schedule; '' for none")
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--dask-address")
+    serve.add_argument("--train-config", help="also serve a train-model deployment")
+    serve.add_argument("--train-out", metavar="RUN_DIR")
+    serve.set_defaults(func=cmd_serve)
 
     verify = sub.add_parser("verify", help="recompute checksums and check the index")
     verify.add_argument("store")

@@ -61,6 +61,20 @@ def train_model(
     return metrics
 
 
+def train_deployment(data_url: str, out_dir: str, config_path: str | None, cron: str | None = None):
+    """A ``train-model`` deployment (no schedule unless ``cron``): ``prefect deployment run
+    train-model/train`` retrains on the latest store, resuming an unfinished run."""
+    if config_path and "://" not in config_path:
+        config_path = str(Path(config_path).resolve())
+    return train_model.to_deployment(
+        name="train",
+        cron=cron,
+        parameters={"data_url": data_url, "out_dir": out_dir, "config_path": config_path},
+        description=f"Train on {data_url} into {out_dir}",
+        tags=["dereverb"],
+    )
+
+
 @flow(name="evaluate-model", log_prints=True)
 def evaluate_model(
     checkpoint: str,

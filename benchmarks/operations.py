@@ -1,0 +1,320 @@
+"""Operations benchmark: parallel speed-up, orchestration overhead, incremental rebuild.
+
+All runs build the same plan (demo corpus, 6 speakers x 30 utterances x 4 variants = 720
+examples, 0.65 h, 40 rooms, ~120 unique RIRs, 159 shards) into fresh stores, each with its own
+RIR bank, so every run simulates and renders everything. A Prefect server is started first (or
+``PREFECT_API_URL`` is used) and warmed with one trivial flow run, so no run pays for it.
+
+(a) Speed-up: the Prefect flow on a Dask ``LocalCluster`` of 2 one-thread worker processes
+    (``--workers 2``) against the same with 1 worker process. Cluster start is included.
+(b) Overhead: the same library steps in a plain loop in one process
+    (``dereverb_data.build.build_serial``, no Prefect, no Dask) against the Prefect flow in
+    process (``--workers 1``) and the flow with one Dask worker process. Same work, same number
+    of worker processes, so the difference is what orchestration costs (task runs, state and
+    log traffic to the server, cluster start, moving results between processes).
+(c) Incremental rebuild. The edit: the ``soft_highs`` absorption profile gets 30% more
+    absorption at 125 Hz (as when correcting a material's low band). Rooms draw their profile
+    at random; with this manifest and seed 5 of 40 rooms use ``soft_highs`` (12.5% of rooms,
+    ~12.6% of RIR specs, ~11.5% of examples, spread over ~40% of shards; the script computes
+    and prints the exact numbers from the two plans). Those rooms are recalibrated and their
+    RIRs resimulated, their examples re-rendered, and the shards holding them rewritten (the
+    unchanged examples of those shards are copied, not re-rendered). Timed against a full
+    build of the edited manifest with the same runner (2 workers), and the updated store is
+    checked to equal that full build bit for bit.
+
+Goals: (a) >= 1.7x, (b) <= 15% overhead, (c) <= 20% of a full build. One repetition each, on
+a machine that may be shared: the load average is printed before and after.
+
+    python benchmarks/operations.py [--utterances 30 --rooms 32,4,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+for _name in ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_name] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import yaml  # noqa: E402
+import zarr  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dereverb_data import build as steps  # noqa: E402
+from dereverb_data.corpus import scan_corpus  # noqa: E402
+from dereverb_data.manifest import load_manifest, parse_manifest  # noqa: E402
+from dereverb_data.plan import make_plan  # noqa: E402
+
+PROFILES = {
+    "acoustic_tile": [0.6, 0.8, 1.0, 1.1, 1.1, 1.0],
+    "boomy": [1.4, 1.2, 1.0, 0.9, 0.8, 0.8],
+    "carpet": [0.3, 0.5, 0.8, 1.2, 1.5, 1.7],
+    "concrete": [0.8, 0.9, 1.0, 1.0, 1.1, 1.2],
+    "curtains": [0.4, 0.6, 0.9, 1.1, 1.3, 1.3],
+    "flat": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    "glass": [1.8, 1.3, 1.0, 0.8, 0.6, 0.5],
+    "plaster": [1.1, 1.0, 1.0, 1.0, 0.9, 0.9],
+    "soft_highs": [0.5, 0.7, 1.0, 1.2, 1.4, 1.5],
+    "wood": [1.5, 1.2, 1.0, 0.9, 0.9, 0.8],
+}
+EDITED_PROFILE = "soft_highs"
+
+
+def manifest_dict(utterances: int, rooms: tuple[int, int, int]) -> dict:
+    return {
+        "name": "ops-bench",
+        "seed": 7,
+        "corpus": {"kind": "demo", "speakers": 6, "utterances_per_speaker": utterances},
+        "variants_per_utterance": 4,
+        "rooms": {
+            "rooms_per_split": dict(zip(("train", "valid", "test"), rooms, strict=True)),
+            "positions_per_room": 3,
+            "length_m": [4.0, 8.0],
+            "width_m": [3.0, 6.0],
+            "height_m": [2.5, 3.5],
+            "rt60_s": [0.3, 0.9],
+            "distance_m": [0.7, 2.5],
+            "absorption": {"kind": "profile", "profiles": PROFILES},
+        },
+        "storage": {"frames_per_chunk": 256, "frames_per_shard": 2048},
+        "splits": {"train": 0.67, "valid": 0.17, "test": 0.16},
+    }
+
+
+def edited(data: dict) -> dict:
+    out = copy.deepcopy(data)
+    band = out["rooms"]["absorption"]["profiles"][EDITED_PROFILE]
+    band[0] = round(band[0] * 1.3, 4)
+    return out
+
+
+def plan_of(data: dict):
+    manifest = parse_manifest(data)
+    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate)
+    return make_plan(manifest, utterances, quarantined)
+
+
+def change_fractions(before: dict, after: dict) -> dict[str, tuple[int, int]]:
+    p0, p1 = plan_of(before), plan_of(after)
+    changed_examples = [
+        b for a, b in zip(p0.examples, p1.examples, strict=True) if a.fingerprint != b.fingerprint
+    ]
+    return {
+        "rooms": (sum(p0.rooms[r] != p1.rooms[r] for r in p0.rooms), len(p0.rooms)),
+        "RIR specs": (len(set(p1.rirs) - set(p0.rirs)), len(p1.rirs)),
+        "examples": (len(changed_examples), len(p1.examples)),
+        "shards touched": (len({e.shard for e in changed_examples}), len(p1.shards)),
+    }
+
+
+def dask_runner(workers: int):
+    """The runner ``--workers N`` uses, with any N (``task_runner(1)`` is in-process)."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runners import task_runner
+
+    template = task_runner(2)
+    return DaskTaskRunner(
+        cluster_class=template.cluster_class,
+        cluster_kwargs={**template.cluster_kwargs, "n_workers": workers},
+    )
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: float  # CPU seconds of this process, its finished children and the Prefect server
+    report: dict
+
+
+def _server_process() -> psutil.Process | None:
+    """The ``prefect server`` started by ``prefect_server()`` (None if the API is external)."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "server" in child.cmdline() and "start" in child.cmdline():
+                return child
+    return None
+
+
+def cpu_seconds(server: psutil.Process | None) -> float:
+    """CPU time used so far by this process, its waited-for children (Dask workers are joined
+    when their cluster closes) and the Prefect server (with its own children)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    if server is not None:
+        for process in (server, *server.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def timed(what: str, fn, server: psutil.Process | None) -> Run:
+    cpu0, start = cpu_seconds(server), time.perf_counter()
+    report = fn()
+    seconds, cpu = time.perf_counter() - start, cpu_seconds(server) - cpu0
+    counts = report.get("counts", {})
+    brief = {k: v for k, v in counts.items() if k in ("rirs_simulated", "shards_rendered")}
+    print(f"  {what:<46} {seconds:7.1f} s wall {cpu:7.1f} s CPU   {brief}", flush=True)
+    return Run(seconds, cpu, report)
+
+
+def checksums(url: str) -> list[str]:
+    return list(zarr.open_group(url, mode="r")["shard_checksums"][:])
+
+
+def same_data(a: str, b: str) -> bool:
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    return checksums(a) == checksums(b) and all(
+        np.array_equal(
+            ga["index"][k][:], gb["index"][k][:], equal_nan=ga["index"][k].dtype.kind == "f"
+        )
+        for k in gb["index"].array_keys()
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--utterances", type=int, default=30, help="per speaker (6 speakers)")
+    parser.add_argument("--rooms", default="32,4,4", help="rooms per split: train,valid,test")
+    args = parser.parse_args()
+    rooms = tuple(int(x) for x in args.rooms.split(","))
+    data = manifest_dict(args.utterances, rooms)  # type: ignore[arg-type]
+    data_edited = edited(data)
+
+    from prefect import flow, task
+
+    from flows.build import build_dataset, run_build
+    from flows.server import prefect_server
+
+    work = Path(tempfile.mkdtemp(prefix="dereverb-ops-bench-"))
+    try:
+        manifest, manifest_edited = work / "bench.yaml", work / "bench-edited.yaml"
+        manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+        manifest_edited.write_text(yaml.safe_dump(data_edited, sort_keys=False))
+        summary = plan_of(data).summary()
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}; load average {os.getloadavg()[0]:.2f}"
+        )
+        print(
+            f"plan: {summary['examples']} examples, {summary['hours']} h, {summary['rooms']} "
+            f"rooms, {summary['unique_rirs']} RIRs, {summary['shards']} shards"
+        )
+        with prefect_server() as api:
+            print(f"Prefect API: {api}")
+
+            @task
+            def _noop() -> int:
+                return 1
+
+            @flow
+            def _warm() -> int:
+                return _noop()
+
+            _warm()  # first flow run of the process: client, settings, server tables
+
+            def store(name: str) -> str:
+                return str(work / f"{name}.zarr")
+
+            def flow_with(runner, path: Path, url: str) -> dict:
+                return build_dataset.with_options(task_runner=runner)(str(path), url)
+
+            server = _server_process()
+            print("\nbuilds (fresh store and RIR bank each):")
+            serial = timed(
+                "plain loop, 1 process (build_serial)",
+                lambda: steps.build_serial(load_manifest(manifest), store("serial")),
+                server,
+            )
+            inproc = timed(
+                "flow, in-process (--workers 1)",
+                lambda: run_build(str(manifest), store("inproc"), workers=1),
+                server,
+            )
+            dask1 = timed(
+                "flow + Dask, 1 worker process",
+                lambda: flow_with(dask_runner(1), manifest, store("dask1")),
+                server,
+            )
+            dask2 = timed(
+                "flow + Dask, 2 worker processes (--workers 2)",
+                lambda: run_build(str(manifest), store("dask2"), workers=2),
+                server,
+            )
+            identical = all(
+                checksums(store(n)) == checksums(store("serial"))
+                for n in ("inproc", "dask1", "dask2")
+            )
+
+            print("\nincremental rebuild, 2 workers:")
+            fractions = change_fractions(data, data_edited)
+            for what, (n, total) in fractions.items():
+                print(f"  edit changes {what:<15} {n:4d} / {total:<4d} ({n / total:.1%})")
+            incr = timed(
+                f"update after editing profile {EDITED_PROFILE!r}",
+                lambda: run_build(str(manifest_edited), store("dask2"), workers=2),
+                server,
+            )
+            print(f"    counts: {incr.report['counts']}")
+            full = timed(
+                "full build of the edited manifest",
+                lambda: run_build(str(manifest_edited), store("edited-full"), workers=2),
+                server,
+            )
+            incremental_ok = same_data(store("dask2"), store("edited-full"))
+
+        print(f"\nall four builds bit-identical: {identical}")
+        print(f"incrementally updated store equals the full build of the edit: {incremental_ok}")
+        if server is None:
+            print("(the Prefect server is external: its CPU time is not counted)")
+        print("\nresults (wall time; CPU seconds in brackets, which a busy machine affects less):")
+        print(
+            f"(a) 2 workers vs 1 (Dask, both):     {dask1.wall / dask2.wall:5.2f}x   "
+            f"({dask1.wall:.1f} s -> {dask2.wall:.1f} s; goal >= 1.7x) "
+            f"[CPU {dask1.cpu:.0f} s -> {dask2.cpu:.0f} s]"
+        )
+        print(
+            f"    2 workers vs in-process flow:    {inproc.wall / dask2.wall:5.2f}x   "
+            f"({inproc.wall:.1f} s -> {dask2.wall:.1f} s)"
+        )
+        print(
+            f"(b) flow + Dask (1 worker) vs loop:  {dask1.wall / serial.wall - 1:+6.1%}   "
+            f"({serial.wall:.1f} s loop, {dask1.wall:.1f} s flow; goal <= +15%) "
+            f"[CPU {dask1.cpu / serial.cpu - 1:+.1%}: {serial.cpu:.0f} s -> {dask1.cpu:.0f} s]"
+        )
+        print(
+            f"    flow in-process vs loop:         {inproc.wall / serial.wall - 1:+6.1%}   "
+            f"({inproc.wall:.1f} s) [CPU {inproc.cpu / serial.cpu - 1:+.1%}]"
+        )
+        print(
+            f"(c) incremental vs full build:       {incr.wall / full.wall:6.1%}   "
+            f"({incr.wall:.1f} s vs {full.wall:.1f} s; goal <= 20%) "
+            f"[CPU {incr.cpu / full.cpu:.1%}]"
+        )
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
