@@ -18,6 +18,7 @@ from prefect.futures import PrefectFuture, as_completed
 from dereverb_data import build as steps
 from dereverb_data.lock import build_lock
 from dereverb_data.manifest import load_manifest
+from dereverb_data.rir_bank import RirBank
 from dereverb_data.store import DatasetStore
 from dereverb_data.verify import forget_damaged_shards
 
@@ -25,13 +26,26 @@ from .runners import task_runner
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(manifest_path: str, store_url: str, corpus_path: str | None = None) -> dict:
+def plan_task(
+    manifest_path: str, store_url: str, rir_cache: str, corpus_path: str | None = None
+) -> dict:
+    """Plan, and list only the work not already done: every mapped task costs orchestration
+    time, so rooms whose RIRs are all banked and shards already done are not mapped."""
     steps.limit_threads()
     plan = steps.prepare_build(load_manifest(manifest_path, corpus_path), store_url)
+    banked = RirBank(rir_cache).rir_ids()
+    rooms = steps.rirs_by_room(plan)
+    pending_rooms = [room for room, rirs in rooms.items() if not set(rirs) <= banked]
+    store = DatasetStore(store_url)
+    done = [s for s in plan.shards if store.shard_is_done(s.shard_id, s.fingerprint)]
+    done_ids = {s.shard_id for s in done}
     return {
         "summary": plan.summary(),
-        "rooms": list(steps.rirs_by_room(plan)),
-        "shards": [s.shard_id for s in plan.shards],
+        "rooms": pending_rooms,
+        "rirs_already_banked": sum(len(rooms[r]) for r in rooms if r not in pending_rooms),
+        "shards": [s.shard_id for s in plan.shards if s.shard_id not in done_ids],
+        "shards_done": len(done),
+        "examples_done": sum(len(s.example_ids) for s in done),
         "quarantined": [q.reason for q in plan.quarantined],
     }
 
@@ -113,15 +127,35 @@ def build_dataset(
     rir_cache: str | None = None,
     corpus_path: str | None = None,
     then_train: dict | None = None,
+    break_lock: bool = False,
+    repair: bool = False,
 ) -> dict:
     """Build (or resume, or incrementally update) the store described by a manifest.
 
-    ``then_train`` (``{"config_path": ..., "out_dir": ...}``) kicks off the ``train-model``
-    flow on the finished store.
+    Holds the store's build lock for the whole build (one writer per store, whoever starts
+    the flow: the CLI, a deployment or a schedule). ``repair`` first forgets the shards that
+    fail verification; ``then_train`` (``{"config_path": ..., "out_dir": ...}``) kicks off the
+    ``train-model`` flow on the finished store.
     """
+    with build_lock(store_url, break_lock):
+        repaired = []
+        if repair and DatasetStore(store_url).exists():
+            repaired = forget_damaged_shards(store_url)
+        report = _build(manifest_path, store_url, rir_cache, corpus_path)
+    report["repaired_shards"] = repaired
+    if then_train:
+        from .train import train_model
+
+        report["training"] = train_model(store_url, **then_train)
+    return report
+
+
+def _build(
+    manifest_path: str, store_url: str, rir_cache: str | None, corpus_path: str | None
+) -> dict:
     logger = get_run_logger()
     rir_cache = rir_cache or steps.default_rir_cache(store_url)
-    planned = plan_task(manifest_path, store_url, corpus_path)
+    planned = plan_task(manifest_path, store_url, rir_cache, corpus_path)
     logger.info("plan: %s", planned["summary"])
     for reason in planned["quarantined"]:
         logger.warning("quarantined: %s", reason)
@@ -135,11 +169,11 @@ def build_dataset(
     report = finalize_task(store_url)
     counts = {
         "rirs_simulated": sum(new for new, _ in rooms),
-        "rirs_reused": sum(old for _, old in rooms),
+        "rirs_reused": planned["rirs_already_banked"] + sum(old for _, old in rooms),
         "shards_rendered": sum(s["rendered"] for s in shards),
-        "shards_kept": sum(not s["rendered"] for s in shards),
+        "shards_kept": planned["shards_done"] + sum(not s["rendered"] for s in shards),
         "examples_rendered": sum(s["examples_rendered"] for s in shards),
-        "examples_kept": sum(s["examples_reused"] for s in shards),
+        "examples_kept": planned["examples_done"] + sum(s["examples_reused"] for s in shards),
     }
     report["counts"] = counts
     logger.info("build counts: %s", counts)
@@ -148,10 +182,6 @@ def build_dataset(
         markdown=markdown_summary(manifest_path, store_url, report, counts),
         description=f"Build of {store_url}",
     )
-    if then_train:
-        from .train import train_model
-
-        report["training"] = train_model(store_url, **then_train)
     return report
 
 
@@ -166,17 +196,10 @@ def run_build(
     repair: bool = False,
     then_train: dict | None = None,
 ) -> dict:
-    """Run the flow with the task runner for ``workers`` / ``dask_address``, holding the
-    store's build lock (one writer per store)."""
+    """Run the flow with the task runner for ``workers`` / ``dask_address``."""
     # Dask's own INFO lines (workers starting and closing) drown the build's progress.
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
     runner = task_runner(workers, dask_address)
     flow = build_dataset.with_options(task_runner=runner)
-    with build_lock(store_url, break_lock):
-        repaired = []
-        if repair and DatasetStore(store_url).exists():
-            repaired = forget_damaged_shards(store_url)
-        report = flow(manifest_path, store_url, rir_cache, corpus_path, then_train)
-    report["repaired_shards"] = repaired
-    return report
+    return flow(manifest_path, store_url, rir_cache, corpus_path, then_train, break_lock, repair)

@@ -98,7 +98,7 @@ def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Pa
         assert found[REGENERATE].schedules == []
         assert found[BUILD].parameters == {"manifest_path": manifest, "store_url": store}
 
-        run = run_deployment(BUILD, timeout=300)
+        run = run_deployment(BUILD, timeout=300, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), (run.state, log.read_text())
         group = zarr.open_group(store, mode="r")
         assert group.attrs["complete"] is True
@@ -111,7 +111,7 @@ def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Pa
         edited = {**SMALL_MANIFEST, "rooms": {**SMALL_MANIFEST["rooms"]}}
         edited["rooms"]["rooms_per_split"] = {"train": 2, "valid": 1, "test": 2}
         Path(manifest).write_text(yaml.safe_dump(edited, sort_keys=False))
-        run = run_deployment(REGENERATE, timeout=300)
+        run = run_deployment(REGENERATE, timeout=300, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), (run.state, log.read_text())
         group = zarr.open_group(store, mode="r")
         assert group.attrs["manifest"]["rooms"]["rooms_per_split"]["test"] == 2
