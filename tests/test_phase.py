@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.signal import fftconvolve, lfilter
+from scipy.signal import fftconvolve
 
+from dereverb_data.demo_corpus import DEMO_SPEAKERS, synthesize_utterance
 from dereverb_data.stft import StftConfig, istft, stft
 from training import metrics as M
 from training import phase as P
@@ -18,44 +19,8 @@ FS = 16000
 CFG = StftConfig(n_fft=512, hop=128, window="hann")
 
 
-def _fallback_speech(index: int, duration: float, fs: int) -> np.ndarray:
-    """Harmonic source with a moving F0 through vowel-like formant resonators, with pauses."""
-    rng = np.random.default_rng(index)
-    n = int(duration * fs)
-    t = np.arange(n) / fs
-    f0 = 110 + (40 * index) % 80 + 25 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / fs
-    source = sum((h * f0 < fs / 2 - 200) * np.sin(h * phase) / h for h in range(1, 40))
-    vowels = [(730, 1090, 2440), (270, 2290, 3010), (530, 1840, 2480), (300, 870, 2240)]
-    out = np.zeros(n)
-    start, k = 0, 0
-    while start < n:
-        length = min(int(0.2 * fs) + int(rng.integers(-600, 600)), n - start)
-        seg = source[start : start + length] + 0.05 * rng.standard_normal(length)
-        voiced = np.zeros(length)
-        for fc, bw in zip(vowels[k % 4], (80, 100, 150), strict=True):
-            r = np.exp(-np.pi * bw / fs)
-            voiced += lfilter([1 - r], [1, -2 * r * np.cos(2 * np.pi * fc / fs), r * r], seg)
-        envelope = np.sin(np.pi * np.arange(length) / length) ** 2 * (k % 4 != 3)
-        out[start : start + length] = voiced * envelope
-        start, k = start + length, k + 1
-    return 0.1 * out / np.sqrt(np.mean(out**2))
-
-
-def _have_demo_corpus() -> bool:
-    try:
-        from dereverb_data.demo_corpus import synthesize_utterance  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def speech(index: int = 0, duration: float = 1.5, fs: int = FS) -> np.ndarray:
-    """A deterministic speech-like utterance: the project's demo corpus if it is there."""
-    if not _have_demo_corpus():
-        return _fallback_speech(index, duration, fs)
-    from dereverb_data.demo_corpus import DEMO_SPEAKERS, synthesize_utterance
-
+    """A deterministic speech-like utterance from the project's demo corpus."""
     speaker = DEMO_SPEAKERS[index % len(DEMO_SPEAKERS)]
     x = synthesize_utterance(speaker, index // len(DEMO_SPEAKERS), fs, duration_s=duration)
     return np.asarray(x, dtype=np.float64)
@@ -221,11 +186,6 @@ def test_wpe_shape_energy_and_change(reverberant):
     assert 0.01 < diff < 0.9  # changed, but still the same utterance
 
 
-@pytest.mark.skipif(
-    not _have_demo_corpus(),
-    reason="the fallback source is a slowly gliding harmonic tone, predictable across WPE's "
-    "24 ms delay, so WPE removes part of the signal itself (mean -1.2 dB); needs the demo corpus",
-)
 def test_wpe_reduces_late_reverberation_on_average():
     """Single-channel WPE gains little (DESIGN.md: +0.05 PESQ-WB). Per utterance its SI-SDR gain
     against the direct-path + 16 ms target ranged from about -0.5 to +0.8 dB in trials on a
