@@ -17,6 +17,7 @@ import fsspec
 import numpy as np
 
 from .acoustics import RirLabels, measure_rir
+from .fsio import write_atomic
 from .manifest import OCTAVE_BANDS_HZ, Simulation
 from .rooms import SURFACES, Placement, RoomSpec
 from .seeds import derive_seed, stable_hash
@@ -193,13 +194,6 @@ class RirBank:
     def _path(self, kind: str, key: str, suffix: str) -> str:
         return f"{self.root}/{kind}/{key[:2]}/{key}{suffix}"
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{id(data)}"
-        with self.fs.open(tmp, "wb") as handle:
-            handle.write(data)
-        self.fs.mv(tmp, path)
-
     def has_rir(self, rir_id: str) -> bool:
         return self.fs.exists(self._path("rir", rir_id, ".npz"))
 
@@ -211,7 +205,7 @@ class RirBank:
     def save_rir(self, rir_id: str, rir: np.ndarray, labels: dict) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, rir=rir.astype(np.float32), labels=np.array(json.dumps(labels)))
-        self._write_atomic(self._path("rir", rir_id, ".npz"), buffer.getvalue())
+        write_atomic(self.fs, self._path("rir", rir_id, ".npz"), buffer.getvalue())
 
     def load_calibration(self, room_key: str) -> Calibration | None:
         path = self._path("room", room_key, ".json")
@@ -222,7 +216,7 @@ class RirBank:
 
     def save_calibration(self, room_key: str, calibration: Calibration) -> None:
         payload = json.dumps(asdict(calibration), sort_keys=True).encode()
-        self._write_atomic(self._path("room", room_key, ".json"), payload)
+        write_atomic(self.fs, self._path("room", room_key, ".json"), payload)
 
     def rir_ids(self) -> set[str]:
         pattern = f"{self.root}/rir/*/*.npz"

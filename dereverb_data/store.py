@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,6 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from .fsio import write_atomic
 from .plan import Plan
 
 FORMAT = "dereverb-store"
@@ -164,12 +164,7 @@ class DatasetStore:
 
     # -- build state ------------------------------------------------------------------------
     def _write_text(self, relative: str, text: str) -> None:
-        path = f"{self.root}/{relative}"
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with self.fs.open(tmp, "w") as handle:
-            handle.write(text)
-        self.fs.mv(tmp, path)
+        write_atomic(self.fs, f"{self.root}/{relative}", text.encode())
 
     def read_text(self, relative: str) -> str:
         with self.fs.open(f"{self.root}/{relative}", "r") as handle:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,3 +50,19 @@ def demo_store(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> st
     report = run_build(str(DEMO_MANIFEST), url, workers=1)
     assert report["counts"]["shards_rendered"] == report["summary"]["shards"]
     return url
+
+
+def run_cli(*args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
+    """``dereverb`` as a user runs it, in a real process; Prefect only where ``api_url`` says."""
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

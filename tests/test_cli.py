@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +12,7 @@ import zarr
 
 from dereverb_data.demo_corpus import synthesize_utterance
 
-from .conftest import DEMO_MANIFEST, REPO
-
-
-def run_cli(*args: str, api_url: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ}
-    env.pop("PREFECT_API_URL", None)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from .conftest import DEMO_MANIFEST, run_cli
 
 
 def test_plan_prints_a_summary_without_simulating(tmp_path: Path) -> None:

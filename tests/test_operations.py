@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from dereverb_data.lock import StoreLocked, build_lock
 from dereverb_data.manifest import parse_manifest
 from dereverb_data.verify import verify_store
 
-from .conftest import REPO
+from .conftest import REPO, run_cli
 
 SMALL = {
     "name": "ops",
@@ -58,20 +57,6 @@ def shard_files(url: str) -> dict[str, bytes]:
     }
 
 
-def cli(*args: str, api: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ}
-    if api:
-        env["PREFECT_API_URL"] = api
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_verify_names_a_flipped_byte_and_repair_restores_it(
     small_store: str, tmp_path: Path, prefect_api: str
 ) -> None:
@@ -87,19 +72,26 @@ def test_verify_names_a_flipped_byte_and_repair_restores_it(
 
     report = verify_store(str(store))
     assert list(report.damaged) == [shard_id]
-    result = cli("verify", str(store))
+    result = run_cli("verify", str(store))
     assert result.returncode == 1 and f"shard {shard_id}:" in result.stdout
 
     manifest = tmp_path / "ops.yaml"
     manifest.write_text(yaml.safe_dump(SMALL))
-    repaired = cli(
-        "build", str(manifest), "--store", str(store), "--workers", "1", "--repair", api=prefect_api
+    repaired = run_cli(
+        "build",
+        str(manifest),
+        "--store",
+        str(store),
+        "--workers",
+        "1",
+        "--repair",
+        api_url=prefect_api,
     )
     assert repaired.returncode == 0, repaired.stderr[-3000:]
     assert f"repaired shards: [{shard_id}]" in repaired.stdout
     assert "shards_rendered 1" in repaired.stdout
     assert verify_store(str(store)).ok
-    assert cli("verify", str(store)).returncode == 0
+    assert run_cli("verify", str(store)).returncode == 0
     assert shard_files(str(store)) == original  # bit-identical to the undamaged store
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from dereverb_data.build import default_rir_cache
 from dereverb_data.demo_corpus import synthesize_utterance
 from training.evaluate import SYSTEMS, direct_path_window, evaluate, load_rir
 
-from .conftest import DEMO_MANIFEST, REPO
+from .conftest import DEMO_MANIFEST, REPO, run_cli
 
 TRAIN_DEMO = REPO / "manifests" / "training" / "demo.yaml"
 
@@ -134,17 +131,6 @@ def test_real_room_path_with_a_multichannel_44k_rir(trained: dict, tmp_path: Pat
     inputs = [float(r["si_sdr"]) for r in rows if r["system"] == "input"]
     oracle = [float(r["si_sdr"]) for r in rows if r["system"] == "oracle_mag"]
     assert min(oracle) > max(inputs)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO,
-        env=os.environ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_enhance_cli_keeps_names_and_rates_and_reports_bad_files(
