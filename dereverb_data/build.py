@@ -16,7 +16,9 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -29,6 +31,8 @@ from .render import render_pair
 from .rir_bank import RirBank, get_or_simulate
 from .stft import stft
 from .store import BUILD_DIR, DatasetStore, decode, encode, package_versions, shard_checksum
+
+T = TypeVar("T")
 
 THREAD_VARIABLES = ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -69,16 +73,35 @@ def default_rir_cache(store_url: str) -> str:
 
 
 def prepare_build(manifest: Manifest, store_url: str) -> Plan:
-    """Scan the corpus, plan every example, and create (or check) the store for the plan."""
-    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate)
+    """Scan the corpus, plan every example, and create (or check) the store for the plan.
+
+    The store keeps the corpus scan, so planning again (a resume, an edit of the rooms) reads
+    only files that are new or changed.
+    """
+    store = DatasetStore(store_url)
+    cache = _read_scan_cache(store)
+    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
     plan = make_plan(manifest, utterances, quarantined)
     if not plan.examples:
         raise AudioError(
             f"no usable utterances: {len(quarantined)} file(s) quarantined, e.g. "
             + "; ".join(q.reason for q in quarantined[:3])
         )
-    DatasetStore(store_url).prepare(plan)
+    store.prepare(plan)
+    store._write_text(SCAN_CACHE, json.dumps(cache))
     return plan
+
+
+SCAN_CACHE = f"{BUILD_DIR}/corpus_scan.json"
+
+
+def _read_scan_cache(store: DatasetStore) -> dict[str, dict]:
+    """The store's corpus scan cache; empty when there is none or it cannot be read."""
+    try:
+        cache = json.loads(store.read_text(SCAN_CACHE))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,6 +121,29 @@ def rirs_by_room(plan: Plan) -> dict[str, list[str]]:
     for rir_id in sorted(plan.rirs):
         rooms.setdefault(plan.rirs[rir_id].room.room_id, []).append(rir_id)
     return dict(sorted(rooms.items()))
+
+
+def balanced_batches(items: Sequence[T], costs: Sequence[float], n: int) -> list[list[T]]:
+    """Split ``items`` into at most ``n`` batches of near-equal total cost.
+
+    Greedy longest-processing-time first (each item, costliest first, joins the batch with the
+    least cost so far), ties by position, so the result is deterministic. Items keep their
+    original order inside a batch.
+    """
+    n = max(1, min(n, len(items)))
+    totals = [0.0] * n
+    members: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
+        b = min(range(n), key=lambda b: (totals[b], b))
+        totals[b] += costs[i]
+        members[b].append(i)
+    return [[items[i] for i in sorted(m)] for m in members if m]
+
+
+def room_cost(plan: Plan, room_id: str, rir_ids: Sequence[str]) -> float:
+    """Relative cost of simulating a room's RIRs: the tail to simulate grows with the RT60."""
+    rt60 = plan.rooms[room_id].target_rt60 or 0.5
+    return rt60 * len(rir_ids)
 
 
 def simulate_room_step(store_url: str, room_id: str, rir_cache: str) -> tuple[int, int]:

@@ -9,6 +9,7 @@ thousands, and nothing is dropped without a line in the build report.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,12 +127,56 @@ def _find_files(corpus: FolderCorpus) -> list[Path]:
     return files[: corpus.limit] if corpus.limit else files
 
 
+def _scan_key(path: Path, corpus: FolderCorpus, sample_rate: int) -> str:
+    """What a file's scan result depends on: its identity and version, and the scan settings."""
+    stat = path.stat()
+    return json.dumps(
+        [
+            str(path.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            sample_rate,
+            corpus.downmix,
+            corpus.min_duration_s,
+            corpus.max_duration_s,
+        ]
+    )
+
+
+def _scan_file(path: Path, corpus: FolderCorpus, sample_rate: int) -> dict:
+    """Read, check and hash one file: ``{"problem": reason}`` or its utterance facts."""
+    try:
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            raise AudioError(f"{path}: not a wav/flac/ogg file")
+        signal, rate, channels = read_audio(path, sample_rate, corpus.downmix)
+        problem = audio_problems(signal, sample_rate, corpus.min_duration_s, corpus.max_duration_s)
+        if problem:
+            raise AudioError(f"{path}: {problem}")
+    except AudioError as exc:
+        return {"problem": str(exc)}
+    return {
+        "content_hash": _file_hash(path),
+        "num_samples": int(signal.size),
+        "source_rate": rate,
+        "channels": channels,
+        "flags": ["clipped"] if is_clipped(signal) else [],
+    }
+
+
 def scan_corpus(
-    corpus: DemoCorpus | FolderCorpus, sample_rate: int
+    corpus: DemoCorpus | FolderCorpus, sample_rate: int, cache: dict[str, dict] | None = None
 ) -> tuple[list[Utterance], list[Quarantined]]:
-    """Every usable utterance with its hash, speaker and length, and every rejected file."""
+    """Every usable utterance with its hash, speaker and length, and every rejected file.
+
+    ``cache`` (file scans by path, size, modification time and scan settings) skips reading
+    files scanned before; it is updated in place to hold exactly this scan's files. A stale
+    entry cannot slip through: rendering checks each file's content hash again.
+    """
     if isinstance(corpus, DemoCorpus):
         return _scan_demo(corpus, sample_rate), []
+    previous = dict(cache or {})
+    if cache is not None:
+        cache.clear()
     utterances: list[Utterance] = []
     quarantined: list[Quarantined] = []
     root = Path(corpus.path)
@@ -148,15 +193,13 @@ def scan_corpus(
                     f"{path}: same utterance id {utterance_id!r} as {seen[utterance_id]} "
                     "(two files differ only in their suffix)"
                 )
-            if path.suffix.lower() not in AUDIO_SUFFIXES:
-                raise AudioError(f"{path}: not a wav/flac/ogg file")
             speaker = speaker_of(relative, corpus)
-            signal, rate, channels = read_audio(path, sample_rate, corpus.downmix)
-            problem = audio_problems(
-                signal, sample_rate, corpus.min_duration_s, corpus.max_duration_s
-            )
-            if problem:
-                raise AudioError(f"{path}: {problem}")
+            key = _scan_key(path, corpus, sample_rate)
+            facts = previous.get(key) or _scan_file(path, corpus, sample_rate)
+            if cache is not None:
+                cache[key] = facts
+            if "problem" in facts:
+                raise AudioError(facts["problem"])
         except AudioError as exc:
             quarantined.append(Quarantined(str(path), str(exc)))
             continue
@@ -166,11 +209,11 @@ def scan_corpus(
                 utterance_id=utterance_id,
                 speaker=speaker,
                 source=str(path),
-                content_hash=_file_hash(path),
-                num_samples=int(signal.size),
-                source_rate=rate,
-                channels=channels,
-                flags=("clipped",) if is_clipped(signal) else (),
+                content_hash=facts["content_hash"],
+                num_samples=facts["num_samples"],
+                source_rate=facts["source_rate"],
+                channels=facts["channels"],
+                flags=tuple(facts["flags"]),
             )
         )
     return utterances, quarantined

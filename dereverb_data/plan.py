@@ -203,6 +203,9 @@ def make_plan(
                 (utt, split, variant, room.room_id, spec.rir_id, rms, num_samples, fingerprint)
             )
 
+    # Shards hold one room's examples side by side (split, room, utterance order): editing some
+    # rooms then touches only their shards, not a scattering of examples across every shard.
+    drafts.sort(key=lambda d: (split_rank[d[1]], d[3], d[0].utterance_id, d[2]))
     examples, shards = _pack(drafts, stft, shard_frames)
     return Plan(
         manifest,
@@ -229,10 +232,11 @@ def _render_config(manifest: Manifest) -> dict:
 
 
 def _pack(drafts: list, stft: StftConfig, shard_frames: int) -> tuple[list[Example], list[Shard]]:
-    """Fill shards in plan order with whole examples; the rest of a shard is zero padding.
+    """Fill shards in draft order with whole examples; the rest of a shard is zero padding.
 
-    Lengths do not depend on the room, so changing rooms never moves an example to another
-    shard: an incremental rebuild rewrites only the shards whose examples changed.
+    Neither lengths nor the room an example draws depend on the rooms' parameters, so editing
+    rooms never moves an example: an incremental rebuild rewrites only the shards whose examples
+    changed.
     """
     examples: list[Example] = []
     groups: list[list[Example]] = [[]]

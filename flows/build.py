@@ -8,12 +8,15 @@ not cached by Prefect and can simply be retried.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from dereverb_data import build as steps
 from dereverb_data.lock import build_lock
@@ -36,41 +39,69 @@ def plan_task(
     banked = RirBank(rir_cache).rir_ids()
     rooms = steps.rirs_by_room(plan)
     pending_rooms = [room for room, rirs in rooms.items() if not set(rirs) <= banked]
+    shard_examples = {s.shard_id: len(s.example_ids) for s in plan.shards}
     store = DatasetStore(store_url)
     done = [s for s in plan.shards if store.shard_is_done(s.shard_id, s.fingerprint)]
     done_ids = {s.shard_id for s in done}
     return {
         "summary": plan.summary(),
         "rooms": pending_rooms,
+        "room_costs": [steps.room_cost(plan, room, rooms[room]) for room in pending_rooms],
         "rirs_already_banked": sum(len(rooms[r]) for r in rooms if r not in pending_rooms),
         "shards": [s.shard_id for s in plan.shards if s.shard_id not in done_ids],
+        "shard_costs": [
+            shard_examples[s.shard_id] for s in plan.shards if s.shard_id not in done_ids
+        ],
         "shards_done": len(done),
         "examples_done": sum(len(s.example_ids) for s in done),
         "quarantined": [q.reason for q in plan.quarantined],
     }
 
 
-@task(name="simulate-room-rirs", cache_policy=NO_CACHE, retries=2)
-def simulate_room_task(store_url: str, room_id: str, rir_cache: str) -> tuple[int, int]:
+@task(name="simulate-rooms", cache_policy=NO_CACHE, retries=2)
+def simulate_rooms_task(store_url: str, room_ids: list[str], rir_cache: str) -> tuple[int, int]:
+    """Simulate the missing RIRs of a batch of rooms: (simulated, reused)."""
     steps.limit_threads()
-    return steps.simulate_room_step(store_url, room_id, rir_cache)
+    counts = [steps.simulate_room_step(store_url, room, rir_cache) for room in room_ids]
+    return sum(new for new, _ in counts), sum(old for _, old in counts)
 
 
-@task(name="render-shard", cache_policy=NO_CACHE, retries=2)
-def render_shard_task(store_url: str, shard_id: int, rir_cache: str) -> dict:
+@task(name="render-shards", cache_policy=NO_CACHE, retries=2)
+def render_shards_task(store_url: str, shard_ids: list[int], rir_cache: str) -> list[dict]:
+    """Render a batch of shards; each is written whole and marked done on its own, so a crash
+    mid-batch keeps the shards already finished."""
     steps.limit_threads()
-    result = steps.render_shard_step(store_url, shard_id, rir_cache)
-    return {
-        "shard_id": result.shard_id,
-        "rendered": result.rendered,
-        "examples_rendered": result.examples_rendered,
-        "examples_reused": result.examples_reused,
-    }
+    results = []
+    for shard_id in shard_ids:
+        result = steps.render_shard_step(store_url, shard_id, rir_cache)
+        results.append(
+            {
+                "shard_id": result.shard_id,
+                "rendered": result.rendered,
+                "examples_rendered": result.examples_rendered,
+                "examples_reused": result.examples_reused,
+            }
+        )
+    return results
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
 def finalize_task(store_url: str) -> dict:
     return steps.finalize_step(store_url)
+
+
+TASKS_PER_SLOT = 4  # enough tasks to balance the load, few enough that orchestration is cheap
+
+
+def parallel_slots() -> int:
+    """How many tasks the running flow's task runner executes at once."""
+    runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return max(1, min(runner._max_workers, os.cpu_count() or 1))
+    client = getattr(runner, "client", None)  # prefect-dask's DaskTaskRunner
+    if client is not None:
+        return max(1, sum(client.nthreads().values()))
+    return os.cpu_count() or 1
 
 
 def _results(futures: list[PrefectFuture], what: str) -> list:
@@ -159,13 +190,22 @@ def _build(
     logger.info("plan: %s", planned["summary"])
     for reason in planned["quarantined"]:
         logger.warning("quarantined: %s", reason)
+    # Each task run costs orchestration time (state updates, logs, moving between processes),
+    # so rooms and shards are batched: a few balanced batches per parallel slot.
+    tasks = TASKS_PER_SLOT * parallel_slots()
+    room_batches = steps.balanced_batches(planned["rooms"], planned["room_costs"], tasks)
+    shard_batches = steps.balanced_batches(planned["shards"], planned["shard_costs"], tasks)
     common = (unmapped(store_url),)
     rooms = _results(
-        simulate_room_task.map(*common, planned["rooms"], unmapped(rir_cache)), "room RIRs"
+        simulate_rooms_task.map(*common, room_batches, unmapped(rir_cache)), "room RIR batches"
     )
-    shards = _results(
-        render_shard_task.map(*common, planned["shards"], unmapped(rir_cache)), "shard render"
-    )
+    shards = [
+        shard
+        for batch in _results(
+            render_shards_task.map(*common, shard_batches, unmapped(rir_cache)), "shard batches"
+        )
+        for shard in batch
+    ]
     report = finalize_task(store_url)
     counts = {
         "rirs_simulated": sum(new for new, _ in rooms),

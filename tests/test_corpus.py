@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 import soxr
 
+from dereverb_data import corpus as corpus_module
 from dereverb_data.corpus import (
     AudioError,
     Quarantined,
@@ -620,3 +621,47 @@ def test_plan_changes_with_the_seed(plan_corpus: Path) -> None:
     plan_b = make_plan(b, utterances, quarantined)
     assert {e.rir_id for e in plan_a.examples} != {e.rir_id for e in plan_b.examples}
     assert [e.fingerprint for e in plan_a.examples] != [e.fingerprint for e in plan_b.examples]
+
+
+# --------------------------------------------------------------------------- scan cache
+
+
+def test_scan_cache_gives_the_same_result_without_reading_unchanged_files(
+    corpus_with_bad_files: tuple[Path, list[str], dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, good, bad = corpus_with_bad_files
+    manifest = _manifest(root, {"pattern": ALL_AUDIO + "|**/*.txt", "max_duration_s": 2.0})
+    cache: dict[str, dict] = {}
+    first = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
+    assert len(cache) == len(good) + len(bad)  # quarantine reasons are kept too
+
+    reads: list[str] = []
+    real_read = corpus_module.read_audio
+    monkeypatch.setattr(
+        corpus_module, "read_audio", lambda path, *a: reads.append(str(path)) or real_read(path, *a)
+    )
+    again = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
+    assert again == first
+    assert reads == []
+
+    # A rewritten file is read again and gets its new hash; a deleted one leaves the cache.
+    changed = next(root.glob(good[0] + ".*"))
+    _write(changed, _signal(1.0, SR, seed=99), SR)
+    removed = next(root.glob(good[1] + ".*"))
+    removed.unlink()
+    third, _ = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
+    assert reads == [str(changed)]
+    by_id = {u.utterance_id: u for u in third}
+    assert good[1] not in by_id and len(cache) == len(good) + len(bad) - 1
+    old_hash = {u.utterance_id: u.content_hash for u in first[0]}[good[0]]
+    assert by_id[good[0]].content_hash != old_hash
+
+
+def test_scan_cache_is_not_shared_across_scan_settings(mixed_corpus: Path) -> None:
+    cache: dict[str, dict] = {}
+    at_16k, _ = scan_corpus(_manifest(mixed_corpus).corpus, 16000, cache)
+    at_8k, _ = scan_corpus(_manifest(mixed_corpus).corpus, 8000, cache)
+    lengths = {u.utterance_id: u.num_samples for u in at_16k}
+    for u in at_8k:
+        assert abs(u.num_samples * 2 - lengths[u.utterance_id]) <= 2

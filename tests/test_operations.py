@@ -14,9 +14,9 @@ import pytest
 import yaml
 import zarr
 
-from dereverb_data.build import build_serial
+from dereverb_data.build import balanced_batches, build_serial, load_plan
 from dereverb_data.lock import StoreLocked, build_lock
-from dereverb_data.manifest import parse_manifest
+from dereverb_data.manifest import Absorption, parse_manifest
 from dereverb_data.verify import verify_store
 
 from .conftest import REPO, run_cli
@@ -38,6 +38,7 @@ SMALL = {
     "storage": {"frames_per_chunk": 128, "frames_per_shard": 512},
     "splits": {"train": 0.5, "valid": 0.25, "test": 0.25},
 }
+EDITED_PROFILE = "boomy"
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +135,25 @@ def test_changing_some_rooms_regenerates_only_what_changed(
     before = shard_files(str(store))
     old_index = zarr.open_group(str(store), mode="r")["index"]
     old = {k: old_index[k][:] for k in ("example_id", "rir_id", "shard", "room_id")}
+    old_rooms = {r: room.spec_hash for r, room in load_plan(str(store)).rooms.items()}
 
-    # New rooms for the test split only: its RIR specs change; train and valid do not.
+    # More low-frequency absorption in one profile: only the rooms drawing it change.
     changed = json.loads(json.dumps(SMALL))
-    changed["rooms"]["rooms_per_split"]["test"] = 2
+    profiles = dict(Absorption().profiles)
+    profiles[EDITED_PROFILE] = (1.8, *profiles[EDITED_PROFILE][1:])
+    changed["rooms"]["absorption"] = {"kind": "profile", "profiles": profiles}
     report = build_serial(parse_manifest(changed), str(store))
     counts = report["counts"]
+    new_rooms = {r: room.spec_hash for r, room in load_plan(str(store)).rooms.items()}
+    edited_rooms = {r for r in old_rooms if new_rooms[r] != old_rooms[r]}
+    assert 0 < len(edited_rooms) < len(old_rooms)
 
     new_index = zarr.open_group(str(store), mode="r")["index"]
     new = {k: new_index[k][:] for k in ("example_id", "rir_id", "shard")}
-    assert np.array_equal(new["example_id"], old["example_id"])
+    assert np.array_equal(new["example_id"], old["example_id"])  # nothing moved
     changed_rows = new["rir_id"] != old["rir_id"]
-    assert changed_rows.any() and not changed_rows.all()
-    in_test_rooms = np.array([str(r).startswith("test") for r in old["room_id"]])
-    assert not (changed_rows & ~in_test_rooms).any()
+    in_edited_rooms = np.array([str(room) in edited_rooms for room in old["room_id"]])
+    assert np.array_equal(changed_rows, in_edited_rooms)
     new_rirs = set(new["rir_id"][changed_rows]) - set(old["rir_id"])
     assert counts["rirs_simulated"] == len(new_rirs)
     assert counts["rirs_reused"] == len(set(new["rir_id"])) - len(new_rirs)
@@ -165,3 +171,20 @@ def test_changing_some_rooms_regenerates_only_what_changed(
     build_serial(parse_manifest(changed), fresh)
     a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(fresh, mode="r")
     assert list(a["shard_checksums"][:]) == list(b["shard_checksums"][:])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 50])
+def test_balanced_batches_cover_every_item_once_and_balance_the_cost(n: int) -> None:
+    rng = np.random.default_rng(n)
+    items = [f"room{i}" for i in range(23)]
+    costs = list(rng.uniform(0.2, 3.0, len(items)))
+    batches = balanced_batches(items, costs, n)
+    assert len(batches) == min(n, len(items))
+    assert sorted(i for b in batches for i in b) == sorted(items)
+    for batch in batches:  # original order inside a batch
+        assert batch == sorted(batch, key=items.index)
+    totals = [sum(costs[items.index(i)] for i in b) for b in batches]
+    # Longest-processing-time first: no batch exceeds the mean by more than the largest item.
+    assert max(totals) <= sum(costs) / len(batches) + max(costs) + 1e-9
+    assert balanced_batches(items, costs, n) == batches  # deterministic
+    assert balanced_batches([], [], n) == []

@@ -280,8 +280,9 @@ def crop_loader(
 
 
 class ValidationDataset(Dataset):
-    """Whole examples of a split, in store order: ``reverberant``, ``clean`` (complex64
-    ``(frame_count, n_freq)``), ``num_samples``, ``example_id``, ``row``."""
+    """Whole examples of a split (``max_examples`` evenly spaced ones, in store order):
+    ``reverberant``, ``clean`` (complex64 ``(frame_count, n_freq)``), ``num_samples``,
+    ``example_id``, ``row``."""
 
     def __init__(
         self,
@@ -293,7 +294,11 @@ class ValidationDataset(Dataset):
         self._lazy = _LazyStore(os.fspath(url), storage_options)
         rows = self._lazy.store.rows(split)
         self.split = split
-        self.rows = rows[:max_examples] if max_examples is not None else rows
+        if max_examples is not None and max_examples < rows.size:
+            # Spread over the split: the store keeps a room's examples together, so the first
+            # few would all come from one room.
+            rows = rows[np.unique(np.linspace(0, rows.size - 1, max_examples).round().astype(int))]
+        self.rows = rows
 
     def __len__(self) -> int:
         return int(self.rows.size)

@@ -77,7 +77,7 @@ class TrainConfig:
     mrstft_weight: float = 0.0
     # validation, logging, checkpoints
     eval_every: int = 1000
-    eval_examples: int = 8  # whole validation examples scored (first ones of the split)
+    eval_examples: int = 8  # whole validation examples scored (spread over the split)
     checkpoint_every: int = 1000
     log_every: int = 50
     progress: bool = True  # tqdm bar
