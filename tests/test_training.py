@@ -591,3 +591,18 @@ def test_resume_refuses_a_different_config(store_url: str, tmp_path: Path) -> No
     train(tiny_config(steps=3), store_url, tmp_path / "run")
     with pytest.raises(ValueError, match="different config"):
         train(tiny_config(steps=3, lr=1e-2), store_url, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[1] / "manifests" / "training").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_shipped_training_configs_load_and_build_their_model(path: Path) -> None:
+    from flows.train import load_train_config
+
+    config = load_train_config(str(path))
+    assert config.model in MODELS
+    model = build_model(config.model, 257, **config.model_kwargs)
+    assert count_parameters(model) > 0
+    assert config.warmup_steps < config.steps
