@@ -39,19 +39,18 @@ def plan_task(
     banked = RirBank(rir_cache).rir_ids()
     rooms = steps.rirs_by_room(plan)
     pending_rooms = [room for room, rirs in rooms.items() if not set(rirs) <= banked]
-    shard_examples = {s.shard_id: len(s.example_ids) for s in plan.shards}
     store = DatasetStore(store_url)
-    done = [s for s in plan.shards if store.shard_is_done(s.shard_id, s.fingerprint)]
-    done_ids = {s.shard_id for s in done}
+    done, pending_shards = [], []
+    for shard in plan.shards:
+        is_done = store.shard_is_done(shard.shard_id, shard.fingerprint)
+        (done if is_done else pending_shards).append(shard)
     return {
         "summary": plan.summary(),
         "rooms": pending_rooms,
         "room_costs": [steps.room_cost(plan, room, rooms[room]) for room in pending_rooms],
         "rirs_already_banked": sum(len(rooms[r]) for r in rooms if r not in pending_rooms),
-        "shards": [s.shard_id for s in plan.shards if s.shard_id not in done_ids],
-        "shard_costs": [
-            shard_examples[s.shard_id] for s in plan.shards if s.shard_id not in done_ids
-        ],
+        "shards": [s.shard_id for s in pending_shards],
+        "shard_costs": [len(s.example_ids) for s in pending_shards],
         "shards_done": len(done),
         "examples_done": sum(len(s.example_ids) for s in done),
         "quarantined": [q.reason for q in plan.quarantined],

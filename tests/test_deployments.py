@@ -125,7 +125,8 @@ def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Pa
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C: serve pauses its schedules
             try:
-                process.wait(timeout=30)
+                # Generous: on a loaded 2-core machine the shutdown's API calls took over 30 s.
+                process.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
