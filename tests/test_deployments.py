@@ -77,9 +77,11 @@ def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Pa
     manifest = write_manifest(tmp_path)
     store = str(tmp_path / "served.zarr")
     log = tmp_path / "serve.log"
+    # Ctrl-C handling even when this test runs in a background job, whose children inherit an
+    # ignored SIGINT (Python then installs no KeyboardInterrupt handler).
     script = (
-        "import sys; from flows.deployments import serve; "
-        "serve(sys.argv[1], sys.argv[2], workers=1)"
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from flows.deployments import serve; serve(sys.argv[1], sys.argv[2], workers=1)"
     )
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -125,8 +127,7 @@ def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Pa
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C: serve pauses its schedules
             try:
-                # Generous: on a loaded 2-core machine the shutdown's API calls took over 30 s.
-                process.wait(timeout=120)
+                process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
