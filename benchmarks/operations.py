@@ -22,10 +22,11 @@ flow run, so no run pays for it.
     side, so ~13% of shards are touched). Timed against a full build of the edited manifest
     with the same runner (2 workers); the updated store is checked to equal that full build.
 
-Goals: (a) >= 1.7x, (b) <= 15% overhead, (c) <= 20% of a full build. One repetition each, on
-a machine that may be shared: the load average is printed before and after.
+Goals: (a) >= 1.7x, (b) <= 15% overhead, (c) <= 20% of a full build. Each build is repeated
+(``--repeat``, default 3; one repetition varied by up to 30% on a shared 2-core VM) and the
+median reported; the load average is printed before and after.
 
-    python benchmarks/operations.py [--utterances 30 --rooms 32,4,4]
+    python benchmarks/operations.py [--utterances 30 --rooms 32,4,4 --repeat 3]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import platform
 import resource
@@ -188,6 +190,11 @@ def timed(what: str, fn, server: psutil.Process | None) -> Run:
     return Run(seconds, cpu, report)
 
 
+def median_run(runs: list[Run]) -> Run:
+    """The repetition with the median wall time (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda run: run.wall)[(len(runs) - 1) // 2]
+
+
 def checksums(url: str) -> list[str]:
     return list(zarr.open_group(url, mode="r")["shard_checksums"][:])
 
@@ -206,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--utterances", type=int, default=30, help="per speaker (6 speakers)")
     parser.add_argument("--rooms", default="32,4,4", help="rooms per split: train,valid,test")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions (medians reported)")
     args = parser.parse_args()
     rooms = tuple(int(x) for x in args.rooms.split(","))
     work = Path(tempfile.mkdtemp(prefix="dereverb-ops-bench-"))
@@ -251,54 +259,69 @@ def main() -> None:
                 return build_dataset.with_options(task_runner=runner)(str(path), url)
 
             server = _server_process()
-            print("\nbuilds (fresh store and RIR bank each):")
-            serial = timed(
-                "plain loop, 1 process (build_serial)",
-                lambda: steps.build_serial(load_manifest(manifest), store("serial")),
-                server,
-            )
-            inproc = timed(
-                "flow, in-process (--workers 1)",
-                lambda: run_build(str(manifest), store("inproc"), workers=1),
-                server,
-            )
-            dask1 = timed(
-                "flow + Dask, 1 worker process",
-                lambda: flow_with(dask_runner(1), manifest, store("dask1")),
-                server,
-            )
-            dask2 = timed(
-                "flow + Dask, 2 worker processes (--workers 2)",
-                lambda: run_build(str(manifest), store("dask2"), workers=2),
-                server,
-            )
-            identical = all(
-                checksums(store(n)) == checksums(store("serial"))
-                for n in ("inproc", "dask1", "dask2")
-            )
-
-            print("\nincremental rebuild, 2 workers:")
             fractions = change_fractions(data, data_edited)
+            print("the edit (c) changes:")
             for what, (n, total) in fractions.items():
-                print(f"  edit changes {what:<15} {n:4d} / {total:<4d} ({n / total:.1%})")
-            incr = timed(
-                f"update after editing profile {EDITED_PROFILE!r}",
-                lambda: run_build(str(manifest_edited), store("dask2"), workers=2),
-                server,
+                print(f"  {what:<15} {n:4d} / {total:<4d} ({n / total:.1%})")
+            runs: dict[str, list[Run]] = {}
+            identical = incremental_ok = True
+            for rep in range(args.repeat):
+                print(f"\nrepetition {rep + 1}/{args.repeat} (fresh store and RIR bank each):")
+                for key, what, fn in (
+                    (
+                        "serial",
+                        "plain loop, 1 process (build_serial)",
+                        lambda url: steps.build_serial(load_manifest(manifest), url),
+                    ),
+                    (
+                        "inproc",
+                        "flow, in-process (--workers 1)",
+                        lambda url: run_build(str(manifest), url, workers=1),
+                    ),
+                    (
+                        "dask1",
+                        "flow + Dask, 1 worker process",
+                        lambda url: flow_with(dask_runner(1), manifest, url),
+                    ),
+                    (
+                        "dask2",
+                        "flow + Dask, 2 worker processes (--workers 2)",
+                        lambda url: run_build(str(manifest), url, workers=2),
+                    ),
+                    (
+                        "incr",
+                        f"update of that store after editing {EDITED_PROFILE!r}",
+                        lambda url: run_build(str(manifest_edited), store("dask2"), workers=2),
+                    ),
+                    (
+                        "full",
+                        "full build of the edited manifest (2 workers)",
+                        lambda url: run_build(str(manifest_edited), url, workers=2),
+                    ),
+                ):
+                    if key == "incr":
+                        identical &= all(
+                            checksums(store(n)) == checksums(store("serial"))
+                            for n in ("inproc", "dask1", "dask2")
+                        )
+                    run = timed(what, functools.partial(fn, store(key)), server)
+                    runs.setdefault(key, []).append(run)
+                incremental_ok &= same_data(store("dask2"), store("full"))
+                print(f"    update counts: {runs['incr'][-1].report['counts']}")
+                for key in runs:
+                    shutil.rmtree(store(key), ignore_errors=True)
+            serial, inproc, dask1, dask2, incr, full = (
+                median_run(runs[k]) for k in ("serial", "inproc", "dask1", "dask2", "incr", "full")
             )
-            print(f"    counts: {incr.report['counts']}")
-            full = timed(
-                "full build of the edited manifest",
-                lambda: run_build(str(manifest_edited), store("edited-full"), workers=2),
-                server,
-            )
-            incremental_ok = same_data(store("dask2"), store("edited-full"))
 
-        print(f"\nall four builds bit-identical: {identical}")
+        print(f"\nall four builds bit-identical, every repetition: {identical}")
         print(f"incrementally updated store equals the full build of the edit: {incremental_ok}")
         if server is None:
             print("(the Prefect server is external: its CPU time is not counted)")
-        print("\nresults (wall time; CPU seconds in brackets, which a busy machine affects less):")
+        print(
+            f"\nresults (median of {args.repeat} repetitions; wall time, CPU seconds in brackets, "
+            "which a busy machine affects less):"
+        )
         print(
             f"(a) 2 workers vs 1 (Dask, both):     {dask1.wall / dask2.wall:5.2f}x   "
             f"({dask1.wall:.1f} s -> {dask2.wall:.1f} s; goal >= 1.7x) "
