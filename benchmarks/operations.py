@@ -180,10 +180,22 @@ def cpu_seconds(server: psutil.Process | None) -> float:
     return total
 
 
+def stop_worker_forkserver() -> None:
+    """Each run starts its workers cold, as a ``dereverb build`` command does: in one long-lived
+    process (this script, ``dereverb serve``) later clusters would fork from the server the
+    first one started, without paying for its imports."""
+    import multiprocessing.forkserver
+
+    multiprocessing.forkserver._forkserver._stop()  # the method CPython's own tests use
+
+
 def timed(what: str, fn, server: psutil.Process | None) -> Run:
+    stop_worker_forkserver()
     cpu0, start = cpu_seconds(server), time.perf_counter()
     report = fn()
-    seconds, cpu = time.perf_counter() - start, cpu_seconds(server) - cpu0
+    seconds = time.perf_counter() - start
+    stop_worker_forkserver()  # reaps it, so its workers' CPU time is counted as our children's
+    cpu = cpu_seconds(server) - cpu0
     counts = report.get("counts", {})
     brief = {k: v for k, v in counts.items() if k in ("rirs_simulated", "shards_rendered")}
     print(f"  {what:<46} {seconds:7.1f} s wall {cpu:7.1f} s CPU   {brief}", flush=True)

@@ -43,12 +43,9 @@ def limit_threads() -> None:
     for name in THREAD_VARIABLES:
         os.environ[name] = "1"
     _tune_malloc()
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # never imported for it: torch's import alone takes ~2 s
+    if torch is not None:
         torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def _tune_malloc() -> None:
