@@ -19,8 +19,11 @@ flow run, so no run pays for it.
     ~12.6% of RIR specs, ~11.5% of examples; the script prints the exact numbers from the two
     plans). Those rooms are recalibrated and their RIRs resimulated, their examples
     re-rendered, and the shards holding them rewritten (shards hold one room's examples side by
-    side, so ~13% of shards are touched). Timed against a full build of the edited manifest
+    side, so ~10% of shards are touched). Timed against a full build of the edited manifest
     with the same runner (2 workers); the updated store is checked to equal that full build.
+    Twice: as one-off commands (each starts its own ``LocalCluster``, whose workers start and
+    import cold), and on a warm cluster kept between runs (as ``dereverb serve`` keeps one, or
+    a cluster given by ``--dask-address``).
 
 Goals: (a) >= 1.7x, (b) <= 15% overhead, (c) <= 20% of a full build. Each build is repeated
 (``--repeat``, default 3; one repetition varied by up to 30% on a shared 2-core VM) and the
@@ -138,12 +141,10 @@ def change_fractions(before: dict, after: dict) -> dict[str, tuple[int, int]]:
 
 def dask_runner(workers: int):
     """The runner ``--workers N`` uses, with any N (``task_runner(1)`` is in-process)."""
-    from prefect_dask import DaskTaskRunner
-
     from flows.runners import task_runner
 
     template = task_runner(2)
-    return DaskTaskRunner(
+    return type(template)(
         cluster_class=template.cluster_class,
         cluster_kwargs={**template.cluster_kwargs, "n_workers": workers},
     )
@@ -165,37 +166,47 @@ def _server_process() -> psutil.Process | None:
     return None
 
 
-def cpu_seconds(server: psutil.Process | None) -> float:
-    """CPU time used so far by this process, its waited-for children (Dask workers are joined
-    when their cluster closes) and the Prefect server (with its own children)."""
+def cpu_seconds(live: list[psutil.Process]) -> float:
+    """CPU time used so far by this process, its waited-for children (a cluster's workers once
+    it closes and its fork server is reaped) and the given live processes with their children
+    (the Prefect server; a warm cluster's workers)."""
     total = 0.0
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
-    if server is not None:
-        for process in (server, *server.children(recursive=True)):
-            with contextlib.suppress(psutil.Error):
-                times = process.cpu_times()
-                total += times.user + times.system
+    for parent in live:
+        with contextlib.suppress(psutil.Error):
+            for process in (parent, *parent.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    times = process.cpu_times()
+                    total += times.user + times.system
     return total
 
 
 def stop_worker_forkserver() -> None:
-    """Each run starts its workers cold, as a ``dereverb build`` command does: in one long-lived
-    process (this script, ``dereverb serve``) later clusters would fork from the server the
-    first one started, without paying for its imports."""
+    """Each one-off run starts its workers cold, as a ``dereverb build`` command does: in one
+    long-lived process (this script) later clusters would fork from the server the first one
+    started, without paying for its imports."""
     import multiprocessing.forkserver
 
     multiprocessing.forkserver._forkserver._stop()  # the method CPython's own tests use
 
 
-def timed(what: str, fn, server: psutil.Process | None) -> Run:
-    stop_worker_forkserver()
-    cpu0, start = cpu_seconds(server), time.perf_counter()
+def forkserver_pid() -> int:
+    import multiprocessing.forkserver
+
+    return multiprocessing.forkserver._forkserver._forkserver_pid
+
+
+def timed(what: str, fn, live: list[psutil.Process], cold: bool = True) -> Run:
+    if cold:
+        stop_worker_forkserver()
+    cpu0, start = cpu_seconds(live), time.perf_counter()
     report = fn()
     seconds = time.perf_counter() - start
-    stop_worker_forkserver()  # reaps it, so its workers' CPU time is counted as our children's
-    cpu = cpu_seconds(server) - cpu0
+    if cold:
+        stop_worker_forkserver()  # reaps it, so its workers' CPU time counts as our children's
+    cpu = cpu_seconds(live) - cpu0
     counts = report.get("counts", {})
     brief = {k: v for k, v in counts.items() if k in ("rirs_simulated", "shards_rendered")}
     print(f"  {what:<46} {seconds:7.1f} s wall {cpu:7.1f} s CPU   {brief}", flush=True)
@@ -236,6 +247,7 @@ def main() -> None:
     from prefect import flow, task
 
     from flows.build import build_dataset, run_build
+    from flows.local_dask import served_cluster
     from flows.server import prefect_server
 
     try:
@@ -271,6 +283,7 @@ def main() -> None:
                 return build_dataset.with_options(task_runner=runner)(str(path), url)
 
             server = _server_process()
+            live = [server] if server else []
             fractions = change_fractions(data, data_edited)
             print("the edit (c) changes:")
             for what, (n, total) in fractions.items():
@@ -316,18 +329,40 @@ def main() -> None:
                             checksums(store(n)) == checksums(store("serial"))
                             for n in ("inproc", "dask1", "dask2")
                         )
-                    run = timed(what, functools.partial(fn, store(key)), server)
+                    run = timed(what, functools.partial(fn, store(key)), live)
                     runs.setdefault(key, []).append(run)
                 incremental_ok &= same_data(store("dask2"), store("full"))
                 print(f"    update counts: {runs['incr'][-1].report['counts']}")
+                with served_cluster(2, None) as address:  # as `dereverb serve` keeps one
+                    warm_live = [*live, psutil.Process(forkserver_pid())]
+                    for key, what, path, target in (
+                        ("warm_base", "full build, warm cluster of 2 workers", manifest, None),
+                        (
+                            "warm_incr",
+                            "update of that store after the edit",
+                            manifest_edited,
+                            "warm_base",
+                        ),
+                        ("warm_full", "full build of the edited manifest", manifest_edited, None),
+                    ):
+                        fn = functools.partial(
+                            run_build, str(path), store(target or key), dask_address=address
+                        )
+                        run = timed(what, fn, warm_live, cold=False)
+                        runs.setdefault(key, []).append(run)
+                incremental_ok &= same_data(store("warm_base"), store("warm_full"))
                 for key in runs:
                     shutil.rmtree(store(key), ignore_errors=True)
-            serial, inproc, dask1, dask2, incr, full = (
-                median_run(runs[k]) for k in ("serial", "inproc", "dask1", "dask2", "incr", "full")
+            serial, inproc, dask1, dask2, incr, full, warm_incr, warm_full = (
+                median_run(runs[k])
+                for k in (
+                    *("serial", "inproc", "dask1", "dask2", "incr", "full"),
+                    *("warm_incr", "warm_full"),
+                )
             )
 
         print(f"\nall four builds bit-identical, every repetition: {identical}")
-        print(f"incrementally updated store equals the full build of the edit: {incremental_ok}")
+        print(f"incrementally updated stores equal full builds of the edit: {incremental_ok}")
         if server is None:
             print("(the Prefect server is external: its CPU time is not counted)")
         print(
@@ -356,6 +391,11 @@ def main() -> None:
             f"(c) incremental vs full build:       {incr.wall / full.wall:6.1%}   "
             f"({incr.wall:.1f} s vs {full.wall:.1f} s; goal <= 20%) "
             f"[CPU {incr.cpu / full.cpu:.1%}]"
+        )
+        print(
+            f"    the same on a warm cluster:      {warm_incr.wall / warm_full.wall:6.1%}   "
+            f"({warm_incr.wall:.1f} s vs {warm_full.wall:.1f} s; `dereverb serve` or "
+            f"--dask-address) [CPU {warm_incr.cpu / warm_full.cpu:.1%}]"
         )
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:

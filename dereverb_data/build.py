@@ -137,10 +137,77 @@ def balanced_batches(items: Sequence[T], costs: Sequence[float], n: int) -> list
     return [[items[i] for i in sorted(m)] for m in members if m]
 
 
+# Rough CPU seconds per unit of work on a 2-core x86 VM (benchmarks/operations.py), used only
+# to size task batches: a room's RIRs per second of RT60 (the tail to simulate grows with it),
+# and rendering per second of audio.
+ROOM_SECONDS_PER_RT60_S = 0.4
+RENDER_SECONDS_PER_AUDIO_S = 0.005
+
+
 def room_cost(plan: Plan, room_id: str, rir_ids: Sequence[str]) -> float:
-    """Relative cost of simulating a room's RIRs: the tail to simulate grows with the RT60."""
+    """Estimated CPU seconds to simulate a room's RIRs."""
     rt60 = plan.rooms[room_id].target_rt60 or 0.5
-    return rt60 * len(rir_ids)
+    return ROOM_SECONDS_PER_RT60_S * rt60 * len(rir_ids)
+
+
+def shard_costs(plan: Plan, shard_ids: Sequence[int]) -> list[float]:
+    """Estimated CPU seconds to render each shard (proportional to its audio)."""
+    samples: Counter[int] = Counter()
+    for example in plan.examples:
+        samples[example.shard] += example.num_samples
+    rate = plan.manifest.sample_rate
+    return [RENDER_SECONDS_PER_AUDIO_S * samples[i] / rate for i in shard_ids]
+
+
+def shard_rooms(plan: Plan, shard_ids: Sequence[int]) -> list[list[str]]:
+    """The rooms whose RIRs each shard's examples use."""
+    rooms: dict[int, set[str]] = {}
+    for example in plan.examples:
+        rooms.setdefault(example.shard, set()).add(example.room_id)
+    return [sorted(rooms.get(i, ())) for i in shard_ids]
+
+
+def render_batches(
+    shards: Sequence[int],
+    costs: Sequence[float],
+    rooms_needed: Sequence[Sequence[str]],
+    room_batches: Sequence[Sequence[str]],
+    n: int,
+    min_cost: float,
+) -> list[tuple[list[int], list[int]]]:
+    """Batches of shards to render, each with the room batches (indices) it must wait for.
+
+    A shard waits only for the batches that simulate its own rooms, so rendering starts as
+    soon as those finish instead of every worker idling until the last room is simulated.
+    Shards are grouped by what they wait for (a shard holds one room's examples, so most wait
+    for one batch); groups lighter than ``min_cost`` join the next; each group is split into
+    batches in proportion to its cost, about ``n`` in all. Shards that wait for nothing come
+    first, then in the order of the room batches they wait for (the order to submit them in:
+    Dask runs ready tasks in submission order).
+    """
+    batch_of_room = {room: i for i, batch in enumerate(room_batches) for room in batch}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, rooms in enumerate(rooms_needed):
+        waits = tuple(sorted({batch_of_room[r] for r in rooms if r in batch_of_room}))
+        groups.setdefault(waits, []).append(position)
+    merged: list[list[int]] = []
+    pending: list[int] = []
+    for waits in sorted(groups, key=lambda w: (max(w, default=-1), w)):
+        pending += groups[waits]
+        if sum(costs[i] for i in pending) >= min_cost:
+            merged.append(pending)
+            pending = []
+    if pending:
+        merged.append(pending)
+    total = sum(costs) or 1.0
+    out: list[tuple[list[int], list[int]]] = []
+    for members in merged:
+        share = max(1, round(n * sum(costs[i] for i in members) / total))
+        members.sort()
+        for batch in balanced_batches(members, [costs[i] for i in members], share):
+            waits = {batch_of_room[r] for i in batch for r in rooms_needed[i] if r in batch_of_room}
+            out.append(([shards[i] for i in batch], sorted(waits)))
+    return out
 
 
 def simulate_room_step(store_url: str, room_id: str, rir_cache: str) -> tuple[int, int]:

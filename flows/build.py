@@ -8,6 +8,7 @@ not cached by Prefect and can simply be retried.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def plan_task(
         "room_costs": [steps.room_cost(plan, room, rooms[room]) for room in pending_rooms],
         "rirs_already_banked": sum(len(rooms[r]) for r in rooms if r not in pending_rooms),
         "shards": [s.shard_id for s in pending_shards],
-        "shard_costs": [len(s.example_ids) for s in pending_shards],
+        "shard_costs": steps.shard_costs(plan, [s.shard_id for s in pending_shards]),
+        "shard_rooms": steps.shard_rooms(plan, [s.shard_id for s in pending_shards]),
         "shards_done": len(done),
         "examples_done": sum(len(s.example_ids) for s in done),
         "quarantined": [q.reason for q in plan.quarantined],
@@ -90,6 +92,15 @@ def finalize_task(store_url: str) -> dict:
 
 
 TASKS_PER_SLOT = 4  # enough tasks to balance the load, few enough that orchestration is cheap
+MIN_TASK_SECONDS = 1.0  # a task run costs about 0.1-0.2 s of orchestration
+
+
+def batch_count(estimated_seconds: float, slots: int) -> int:
+    """How many batches to map: ``TASKS_PER_SLOT`` per parallel slot to balance the load, but
+    no more than leave each about ``MIN_TASK_SECONDS`` of work (small updates), and at least
+    one per slot so no worker idles."""
+    wanted = math.ceil(estimated_seconds / MIN_TASK_SECONDS)
+    return max(slots, min(TASKS_PER_SLOT * slots, wanted))
 
 
 def parallel_slots() -> int:
@@ -112,6 +123,51 @@ def _results(futures: list[PrefectFuture], what: str) -> list:
         if finished % every == 0 or finished == total:
             logger.info("%s: %d/%d done", what, finished, total)
     return [future.result() for future in futures]
+
+
+def _simulate_then_render(
+    store_url: str,
+    rir_cache: str,
+    room_batches: list[list[str]],
+    shard_batches: list[tuple[list[int], list[int]]],
+    slots: int,
+) -> tuple[list, list[PrefectFuture]]:
+    """Submit every room batch, then each shard batch as soon as the room batches it needs are
+    done: (room batch results, shard batch futures).
+
+    Rooms go first; once no room batch is left waiting for a worker, the shard batches whose
+    rooms are done are submitted, so workers render while the last rooms finish instead of
+    idling at a barrier between the phases. (Submitted earlier, or with Dask dependencies,
+    renders would run ahead of queued rooms: Dask runs later submissions first.)
+    """
+    room_futures = list(
+        simulate_rooms_task.map(unmapped(store_url), room_batches, unmapped(rir_cache))
+    )
+    batch_of = {future.task_run_id: i for i, future in enumerate(room_futures)}
+    done: set[int] = set()
+    waiting = list(shard_batches)
+    render_futures: list[PrefectFuture] = []
+
+    def submit_ready() -> None:
+        nonlocal waiting
+        if len(room_futures) - len(done) > slots:
+            return  # rooms still wait for a worker: they go first
+        ready = [batch for batch, needs in waiting if done.issuperset(needs)]
+        waiting = [(batch, needs) for batch, needs in waiting if not done.issuperset(needs)]
+        render_futures.extend(
+            render_shards_task.submit(store_url, batch, rir_cache) for batch in ready
+        )
+
+    submit_ready()
+    logger = get_run_logger()
+    every = max(1, len(room_futures) // 10)
+    for finished, future in enumerate(as_completed(room_futures), 1):
+        future.result()  # a failed batch (after its retries) fails the build here
+        done.add(batch_of[future.task_run_id])
+        submit_ready()
+        if finished % every == 0 or finished == len(room_futures):
+            logger.info("room RIR batches: %d/%d done", finished, len(room_futures))
+    return [future.result() for future in room_futures], render_futures
 
 
 def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: dict) -> str:
@@ -191,20 +247,22 @@ def _build(
         logger.warning("quarantined: %s", reason)
     # Each task run costs orchestration time (state updates, logs, moving between processes),
     # so rooms and shards are batched: a few balanced batches per parallel slot.
-    tasks = TASKS_PER_SLOT * parallel_slots()
-    room_batches = steps.balanced_batches(planned["rooms"], planned["room_costs"], tasks)
-    shard_batches = steps.balanced_batches(planned["shards"], planned["shard_costs"], tasks)
-    common = (unmapped(store_url),)
-    rooms = _results(
-        simulate_rooms_task.map(*common, room_batches, unmapped(rir_cache)), "room RIR batches"
+    slots = parallel_slots()
+    room_batches = steps.balanced_batches(
+        planned["rooms"], planned["room_costs"], batch_count(sum(planned["room_costs"]), slots)
     )
-    shards = [
-        shard
-        for batch in _results(
-            render_shards_task.map(*common, shard_batches, unmapped(rir_cache)), "shard batches"
-        )
-        for shard in batch
-    ]
+    shard_batches = steps.render_batches(
+        planned["shards"],
+        planned["shard_costs"],
+        planned["shard_rooms"],
+        room_batches,
+        batch_count(sum(planned["shard_costs"]), slots),
+        MIN_TASK_SECONDS,
+    )
+    rooms, render_futures = _simulate_then_render(
+        store_url, rir_cache, room_batches, shard_batches, slots
+    )
+    shards = [shard for batch in _results(render_futures, "shard batches") for shard in batch]
     report = finalize_task(store_url)
     counts = {
         "rirs_simulated": sum(new for new, _ in rooms),

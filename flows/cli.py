@@ -216,14 +216,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import prefect
 
     from .deployments import deployments
+    from .local_dask import served_cluster
     from .server import prefect_server
     from .train import train_deployment
 
     load_manifest(args.manifest)
-    with prefect_server() as api:
-        served = deployments(
-            args.manifest, args.store, args.cron or None, args.workers, args.dask_address
-        )
+    with prefect_server() as api, served_cluster(args.workers, args.dask_address) as address:
+        served = deployments(args.manifest, args.store, args.cron or None, args.workers, address)
         if args.train_config:
             out = args.train_out or str(Path("runs") / Path(args.store).stem)
             served.append(train_deployment(args.store, out, args.train_config))

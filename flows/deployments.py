@@ -8,7 +8,8 @@
   changed are redone) and then reports which manifest fields changed and what was redone, as
   a log line and a markdown artifact (key ``dataset-regenerate``).
 
-Both are served by one long-lived process, which runs at most one of them at a time::
+Both are served by one long-lived process, which runs at most one of them at a time, on a
+local Dask cluster it keeps for its lifetime (or ``--dask-address``; ``--workers 1``: in-process)::
 
     python -m flows.deployments MANIFEST --store URL [--cron "0 2 * * *"] [--workers N]
 
@@ -32,6 +33,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments.runner import RunnerDeployment
 
 from .build import build_dataset, run_build
+from .local_dask import served_cluster
 from .runners import task_runner
 
 BUILD_DEPLOYMENT = "scheduled"
@@ -165,7 +167,8 @@ def serve(
     from .server import quiet_prefect
 
     quiet_prefect()
-    prefect.serve(*deployments(manifest_path, store_url, cron, workers, dask_address), limit=1)
+    with served_cluster(workers, dask_address) as address:
+        prefect.serve(*deployments(manifest_path, store_url, cron, workers, address), limit=1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,108 @@
+"""The build's local Dask cluster: worker processes that fork from a warm server.
+
+Spawned workers each import Prefect, scipy, pyroomacoustics and the library before their first
+task (2.3-2.9 s per worker here, paid by every build command). Dask can instead fork workers
+from a ``multiprocessing`` fork server that imported those modules once; the server is started
+when the flow enters its task runner, so its imports overlap the planning step. The server is
+single-threaded and holds no Prefect state, so forking from it is safe (forking this process,
+which runs Prefect's threads, would not be); Dask's own test suite runs its workers this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.forkserver
+import os
+from collections.abc import Iterator
+
+from prefect_dask import DaskTaskRunner
+
+from dereverb_data.build import THREAD_VARIABLES
+
+# What a build task needs; the fork server imports them once, every worker inherits them.
+WORKER_PRELOAD = (
+    "distributed",
+    "numpy",
+    "scipy.signal",
+    "pyroomacoustics",
+    "zarr",
+    "prefect",
+    "prefect_dask",
+    "dereverb_data.build",
+    "flows.build",
+)
+
+
+@contextlib.contextmanager
+def _one_thread_environment() -> Iterator[None]:
+    """BLAS and pyroomacoustics read their thread counts at import, i.e. in the fork server."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: "1" for name in THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def start_worker_forkserver() -> None:
+    """Have local Dask workers fork from a fork server preloaded with ``WORKER_PRELOAD``.
+
+    Returns at once: the server imports in the background. Idempotent; it lives as long as
+    this process, so later clusters in the same process (a notebook, a test session) start
+    their workers without imports.
+    """
+    import dask
+    from distributed.utils import get_mp_context
+
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    context = get_mp_context()  # Dask sets its preload list on first use; replace it with ours
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    with _one_thread_environment():
+        multiprocessing.forkserver.ensure_running()
+
+
+class LocalDaskTaskRunner(DaskTaskRunner):
+    """``DaskTaskRunner`` on a ``LocalCluster`` whose workers fork from a warm server."""
+
+    def __enter__(self):
+        # Prefect also enters the flow's task runner around each task run on a worker, where
+        # no cluster is created: a fork server there would only compete with the task for CPU.
+        if not _inside_dask_worker():
+            start_worker_forkserver()
+        return super().__enter__()
+
+
+def _inside_dask_worker() -> bool:
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def served_cluster(workers: int | None, dask_address: str | None) -> Iterator[str | None]:
+    """The Dask address a long-lived process (``dereverb serve``) gives its build runs.
+
+    Without an address, and unless ``workers == 1`` (in-process), start a ``LocalCluster``
+    for the life of the process: each served run then connects to warm workers instead of
+    starting and importing its own, which dominated small regenerations.
+    """
+    from distributed import LocalCluster
+
+    from .runners import task_runner
+
+    if dask_address or workers == 1:
+        yield dask_address
+        return
+    runner = task_runner(workers)
+    start_worker_forkserver()
+    with LocalCluster(**runner.cluster_kwargs) as cluster:
+        yield cluster.scheduler_address

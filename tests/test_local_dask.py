@@ -1,0 +1,66 @@
+"""The local Dask cluster: workers fork from a preloaded server, one thread each, and a
+long-lived process (``dereverb serve``) keeps one cluster for its build runs."""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import os
+import sys
+
+from distributed import Client
+from prefect import flow, task
+
+from flows.local_dask import WORKER_PRELOAD, LocalDaskTaskRunner, served_cluster
+from flows.runners import task_runner
+
+
+def _worker_state() -> dict:
+    return {
+        "parent": os.getppid(),
+        "preloaded": [name for name in WORKER_PRELOAD if name in sys.modules],
+        "threads": os.environ.get("OMP_NUM_THREADS"),
+        "own_forkserver": multiprocessing.forkserver._forkserver._forkserver_pid,
+    }
+
+
+def test_served_cluster_workers_fork_from_the_preloaded_server() -> None:
+    with served_cluster(2, None) as address:
+        assert address is not None and address.startswith("tcp://127.0.0.1:")
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
+        with Client(address) as client:
+            states = list(client.run(_worker_state).values())
+    assert len(states) == 2
+    for state in states:
+        assert state["parent"] == server  # forked from it, not spawned by the nanny
+        # Imported before any task ran: inherited from the server, not imported per worker.
+        assert state["preloaded"] == list(WORKER_PRELOAD)
+        assert state["threads"] == "1"
+
+
+def test_served_cluster_is_only_started_when_needed() -> None:
+    with served_cluster(1, None) as address:
+        assert address is None  # --workers 1: in-process
+    given = "tcp://192.0.2.1:8786"
+    with served_cluster(4, given) as address:
+        assert address == given  # an existing cluster is used as it is
+
+
+@task
+def _state_in_worker(index: int) -> dict:
+    return _worker_state()
+
+
+def test_task_runs_on_workers_start_no_fork_server_of_their_own(prefect_api: str) -> None:
+    """Prefect enters the flow's task runner around every task run on a worker too; starting a
+    fork server there (importing everything again) halved the speed of the first tasks."""
+    runner = task_runner(2)
+    assert isinstance(runner, LocalDaskTaskRunner)
+
+    @flow(task_runner=runner)
+    def probe() -> list[dict]:
+        return [future.result() for future in _state_in_worker.map(range(4))]
+
+    states = probe()
+    assert len(states) == 4
+    assert all(state["own_forkserver"] is None for state in states)
+    assert all(state["threads"] == "1" for state in states)
