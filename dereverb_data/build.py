@@ -182,8 +182,7 @@ def render_batches(
     Shards are grouped by what they wait for (a shard holds one room's examples, so most wait
     for one batch); groups lighter than ``min_cost`` join the next; each group is split into
     batches in proportion to its cost, about ``n`` in all. Shards that wait for nothing come
-    first, then in the order of the room batches they wait for (the order to submit them in:
-    Dask runs ready tasks in submission order).
+    first, then in the order of the room batches they wait for.
     """
     batch_of_room = {room: i for i, batch in enumerate(room_batches) for room in batch}
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -202,7 +201,10 @@ def render_batches(
     total = sum(costs) or 1.0
     out: list[tuple[list[int], list[int]]] = []
     for members in merged:
-        share = max(1, round(n * sum(costs[i] for i in members) / total))
+        cost = sum(costs[i] for i in members)
+        share = max(1, round(n * cost / total))
+        if min_cost > 0:
+            share = min(share, max(1, int(cost // min_cost)))  # no batch much under min_cost
         members.sort()
         for batch in balanced_batches(members, [costs[i] for i in members], share):
             waits = {batch_of_room[r] for i in batch for r in rooms_needed[i] if r in batch_of_room}

@@ -31,6 +31,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments.runner import RunnerDeployment
+from prefect.types.entrypoint import EntrypointType
 
 from .build import build_dataset, run_build
 from .local_dask import served_cluster
@@ -144,12 +145,14 @@ def deployments(
             parameters=common,
             description=f"Build or resume {store_url} from {manifest_path}",
             tags=["dereverb"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
         ),
         regenerate_dataset.to_deployment(
             name=REGENERATE_DEPLOYMENT,
             parameters={**common, "workers": workers, "dask_address": dask_address},
             description=f"Update {store_url} after a change of {manifest_path}",
             tags=["dereverb"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
         ),
     ]
 

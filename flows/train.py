@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.types.entrypoint import EntrypointType
 
 
 class TrainConfigError(ValueError):
@@ -72,6 +73,7 @@ def train_deployment(data_url: str, out_dir: str, config_path: str | None, cron:
         parameters={"data_url": data_url, "out_dir": out_dir, "config_path": config_path},
         description=f"Train on {data_url} into {out_dir}",
         tags=["dereverb"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
 

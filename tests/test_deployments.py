@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 import zarr
+from distributed import Client
 
 from flows.deployments import changed_fields
 
@@ -44,7 +45,9 @@ def _wait_for_deployments(process: subprocess.Popen, log: Path, timeout: float =
             pytest.fail(f"deployments not registered in {timeout} s:\n{log.read_text()[-3000:]}")
         for name in (BUILD, REGENERATE):
             with contextlib.suppress(ObjectNotFound):
-                found[name] = asyncio.run(_read_deployment(name))
+                deployment = asyncio.run(_read_deployment(name))
+                if not deployment.paused:  # paused: left by an earlier serve that stopped
+                    found[name] = deployment
         time.sleep(0.5)
     return found
 
@@ -71,7 +74,11 @@ def test_changed_fields_lists_dotted_paths() -> None:
 
 
 @pytest.mark.slow
-def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_served_deployments_build_then_regenerate(
+    prefect_api: str, tmp_path: Path, workers: int
+) -> None:
+    """``workers=1``: runs in-process; 2: on the local cluster ``serve`` keeps running."""
     from prefect.deployments import run_deployment
 
     manifest = write_manifest(tmp_path)
@@ -81,11 +88,12 @@ def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Pa
     # ignored SIGINT (Python then installs no KeyboardInterrupt handler).
     script = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from flows.deployments import serve; serve(sys.argv[1], sys.argv[2], workers=1)"
+        "from flows.deployments import serve; "
+        "serve(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]))"
     )
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", script, manifest, store],
+            [sys.executable, "-c", script, manifest, store, str(workers)],
             cwd=REPO,
             env=cli_env(prefect_api),
             stdout=out,
@@ -99,6 +107,13 @@ def test_served_deployments_build_then_regenerate(prefect_api: str, tmp_path: Pa
         assert schedules[0].active
         assert found[REGENERATE].schedules == []
         assert found[BUILD].parameters == {"manifest_path": manifest, "store_url": store}
+        address = found[REGENERATE].parameters["dask_address"]
+        if workers == 1:
+            assert address is None
+        else:  # the served cluster's scheduler, alive while serve runs
+            assert address.startswith("tcp://127.0.0.1:")
+            with Client(address, timeout=30) as client:
+                assert len(client.nthreads()) == workers
 
         run = run_deployment(BUILD, timeout=300, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), (run.state, log.read_text())

@@ -101,9 +101,10 @@ def test_external_cluster_build_equals_local_builds(
     report = run_build(manifest, remote, dask_address=dask_cluster)
     plan = load_plan(remote)
     assert report["counts"]["shards_rendered"] == len(plan.shards)
-    # The mapped tasks really ran on the external workers, and on both of them.
+    # The mapped tasks (batches of rooms and shards, at least one per worker thread) really ran
+    # on the external workers, and on both of them.
     executed = _executed_per_worker(dask_cluster)
-    assert min(executed) >= 1 and sum(executed) > len(plan.shards), executed
+    assert min(executed) >= 1, executed
 
     one = str(tmp_path / "one.zarr")
     run_build(manifest, one, workers=1)

@@ -14,10 +14,19 @@ import pytest
 import yaml
 import zarr
 
-from dereverb_data.build import balanced_batches, build_serial, load_plan
+from dereverb_data.build import (
+    balanced_batches,
+    build_serial,
+    load_plan,
+    prepare_build,
+    render_batches,
+    shard_costs,
+    shard_rooms,
+)
 from dereverb_data.lock import StoreLocked, build_lock
 from dereverb_data.manifest import Absorption, parse_manifest
 from dereverb_data.verify import verify_store
+from flows.build import MIN_TASK_SECONDS, TASKS_PER_SLOT, batch_count
 
 from .conftest import REPO, run_cli
 
@@ -188,3 +197,60 @@ def test_balanced_batches_cover_every_item_once_and_balance_the_cost(n: int) -> 
     assert max(totals) <= sum(costs) / len(batches) + max(costs) + 1e-9
     assert balanced_batches(items, costs, n) == batches  # deterministic
     assert balanced_batches([], [], n) == []
+
+
+def test_batch_count_balances_big_builds_and_keeps_small_tasks_worth_their_cost() -> None:
+    slots = 2
+    assert batch_count(1000 * MIN_TASK_SECONDS, slots) == TASKS_PER_SLOT * slots
+    assert batch_count(0.1 * MIN_TASK_SECONDS, slots) == slots  # never fewer than the slots
+    assert batch_count(5.5 * MIN_TASK_SECONDS, slots) == 6  # about MIN_TASK_SECONDS each
+    assert batch_count(0.0, 3) == 3
+
+
+def test_render_batches_wait_only_for_their_own_rooms() -> None:
+    rng = np.random.default_rng(3)
+    rooms = [f"r{i}" for i in range(9)]
+    room_batches = [rooms[0:3], rooms[3:5], rooms[5:8]]  # r8's RIRs are all banked already
+    shards = list(range(100, 140))
+    needed = [sorted({rooms[i % 9], rooms[(i + (i % 5 == 0)) % 9]}) for i in range(len(shards))]
+    costs = list(rng.uniform(0.1, 0.6, len(shards)))
+    batches = render_batches(shards, costs, needed, room_batches, n=8, min_cost=0.0)
+
+    assert sorted(s for batch, _ in batches for s in batch) == shards  # each shard once
+    batch_of_room = {r: i for i, b in enumerate(room_batches) for r in b}
+    for batch, waits in batches:
+        wanted = {batch_of_room[r] for s in batch for r in needed[shards.index(s)] if r != "r8"}
+        assert waits == sorted(wanted)  # exactly the room batches its shards need
+    # Shards that need only banked rooms wait for nothing and come first.
+    assert batches[0][1] == [] and all(needed[shards.index(s)] == ["r8"] for s in batches[0][0])
+    # Then in the order of the room batches they wait for.
+    lasts = [max(waits, default=-1) for _, waits in batches]
+    assert lasts == sorted(lasts)
+    assert len(batches) <= 8 + len(room_batches) + 1
+    assert render_batches(shards, costs, needed, room_batches, 8, 0.0) == batches  # deterministic
+
+
+def test_render_batches_merge_light_groups() -> None:
+    rooms = [f"r{i}" for i in range(6)]
+    room_batches = [[r] for r in rooms]
+    shards = list(range(6))
+    needed = [[r] for r in rooms]  # one shard per room: six groups of 0.2 s each
+    batches = render_batches(shards, [0.2] * 6, needed, room_batches, n=6, min_cost=0.5)
+    assert [batch for batch, _ in batches] == [[0, 1, 2], [3, 4, 5]]
+    assert [waits for _, waits in batches] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_shard_rooms_and_costs_follow_the_plan(tmp_path: Path) -> None:
+    manifest = parse_manifest(yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text()))
+    plan = prepare_build(manifest, str(tmp_path / "s.zarr"))
+    ids = [shard.shard_id for shard in plan.shards]
+    rooms = shard_rooms(plan, ids)
+    for shard, used in zip(plan.shards, rooms, strict=True):
+        examples = [e for e in plan.examples if e.shard == shard.shard_id]
+        assert used == sorted({e.room_id for e in examples})
+    costs = shard_costs(plan, ids)
+    audio = [sum(e.num_samples for e in plan.examples if e.shard == i) for i in ids]
+    assert all(c > 0 for c in costs)
+    # Proportional to each shard's audio.
+    ratios = [c / a for c, a in zip(costs, audio, strict=True)]
+    assert max(ratios) == pytest.approx(min(ratios))

@@ -207,14 +207,17 @@ def test_killed_build_resumes_to_the_same_store(
 
 
 def _worker_processes(parent: int) -> list[psutil.Process]:
-    """Dask worker processes of a LocalCluster started (via multiprocessing spawn) by parent."""
+    """Dask worker processes of the LocalCluster started by parent: the children of its
+    ``multiprocessing`` fork server (``flows/local_dask.py``)."""
     found = []
     for child in psutil.Process(parent).children(recursive=True):
         try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
+            forked = "multiprocessing.forkserver" in " ".join(child.cmdline())
+            by_server = "multiprocessing.forkserver" in " ".join(child.parent().cmdline())
+        except (psutil.NoSuchProcess, AttributeError):
             continue
+        if forked and by_server:
+            found.append(child)
     return found
 
 
