@@ -177,7 +177,7 @@ def render_batches(
 ) -> list[tuple[list[int], list[int]]]:
     """Batches of shards to render, each with the room batches (indices) it must wait for.
 
-    A shard waits only for the batches that simulate its own rooms, so rendering starts as
+    A shard waits only for the batches that simulate its own rooms, so rendering can start as
     soon as those finish instead of every worker idling until the last room is simulated.
     Shards are grouped by what they wait for (a shard holds one room's examples, so most wait
     for one batch); groups lighter than ``min_cost`` join the next; each group is split into
