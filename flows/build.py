@@ -257,7 +257,8 @@ def _build(
         planned["shard_rooms"],
         room_batches,
         batch_count(sum(planned["shard_costs"]), slots),
-        MIN_TASK_SECONDS,
+        # A small update still spreads its renders over every worker.
+        min(MIN_TASK_SECONDS, sum(planned["shard_costs"]) / slots),
     )
     rooms, render_futures = _simulate_then_render(
         store_url, rir_cache, room_batches, shard_batches, slots
