@@ -7,10 +7,12 @@ not cached by Prefect and can simply be retried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
@@ -27,6 +29,9 @@ from dereverb_data.store import DatasetStore
 from dereverb_data.verify import forget_damaged_shards
 
 from .runners import task_runner
+
+if TYPE_CHECKING:
+    from .local_dask import ClusterStart
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -108,10 +113,24 @@ def parallel_slots() -> int:
     runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
     if isinstance(runner, ThreadPoolTaskRunner):
         return max(1, min(runner._max_workers, os.cpu_count() or 1))
+    from .local_dask import LocalDaskTaskRunner, planned_slots  # a Dask runner: imported
+
+    if isinstance(runner, LocalDaskTaskRunner):
+        return planned_slots(runner)  # without waiting for the cluster to start
     client = getattr(runner, "client", None)  # prefect-dask's DaskTaskRunner
     if client is not None:
         return max(1, sum(client.nthreads().values()))
     return os.cpu_count() or 1
+
+
+def _start_local_cluster() -> ClusterStart | None:
+    """Start creating the flow's local Dask cluster, if it has a cold one, in the background."""
+    runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return None
+    from .local_dask import start_cluster_in_background
+
+    return start_cluster_in_background(runner)
 
 
 def _results(futures: list[PrefectFuture], what: str) -> list:
@@ -131,43 +150,89 @@ def _simulate_then_render(
     room_batches: list[list[str]],
     shard_batches: list[tuple[list[int], list[int]]],
     slots: int,
-) -> tuple[list, list[PrefectFuture]]:
+    cluster_start: ClusterStart | None = None,
+) -> tuple[list, list[PrefectFuture], int]:
     """Submit every room batch, then each shard batch as soon as the room batches it needs are
-    done: (room batch results, shard batch futures).
+    done: (room batch results, shard batch futures, room batches run in this process).
 
     Rooms go first; once no room batch is left waiting for a worker, the shard batches whose
     rooms are done are submitted, so workers render while the last rooms finish instead of
     idling at a barrier between the phases. (Submitted earlier, or with Dask dependencies,
     renders would run ahead of queued rooms: Dask runs later submissions first.)
+
+    While a cold local cluster starts (``cluster_start``), the flow's own process simulates
+    room batches one at a time instead of waiting; the rest go to the cluster once it is up.
     """
-    room_futures = list(
-        simulate_rooms_task.map(unmapped(store_url), room_batches, unmapped(rir_cache))
-    )
-    batch_of = {future.task_run_id: i for i, future in enumerate(room_futures)}
-    done: set[int] = set()
-    waiting = list(shard_batches)
-    render_futures: list[PrefectFuture] = []
-
-    def submit_ready() -> None:
-        nonlocal waiting
-        if len(room_futures) - len(done) > slots:
-            return  # rooms still wait for a worker: they go first
-        ready = [batch for batch, needs in waiting if done.issuperset(needs)]
-        waiting = [(batch, needs) for batch, needs in waiting if not done.issuperset(needs)]
-        render_futures.extend(
-            render_shards_task.submit(store_url, batch, rir_cache) for batch in ready
+    with contextlib.ExitStack() as stack:
+        room_futures: list[PrefectFuture] = []
+        in_flow_process = 0
+        if cluster_start is not None:
+            lane = stack.enter_context(ThreadPoolTaskRunner(max_workers=1))
+            room_futures = _work_while_starting(
+                lane, cluster_start, store_url, rir_cache, room_batches
+            )
+            in_flow_process = len(room_futures)
+        room_futures += simulate_rooms_task.map(
+            unmapped(store_url), room_batches[len(room_futures) :], unmapped(rir_cache)
         )
+        batch_of = {future.task_run_id: i for i, future in enumerate(room_futures)}
+        done: set[int] = set()
+        waiting = list(shard_batches)
+        render_futures: list[PrefectFuture] = []
 
-    submit_ready()
-    logger = get_run_logger()
-    every = max(1, len(room_futures) // 10)
-    for finished, future in enumerate(as_completed(room_futures), 1):
-        future.result()  # a failed batch (after its retries) fails the build here
-        done.add(batch_of[future.task_run_id])
+        def submit_ready() -> None:
+            nonlocal waiting
+            if len(room_futures) - len(done) > slots:
+                return  # rooms still wait for a worker: they go first
+            ready = [batch for batch, needs in waiting if done.issuperset(needs)]
+            waiting = [(batch, needs) for batch, needs in waiting if not done.issuperset(needs)]
+            render_futures.extend(
+                render_shards_task.submit(store_url, batch, rir_cache) for batch in ready
+            )
+
         submit_ready()
-        if finished % every == 0 or finished == len(room_futures):
-            logger.info("room RIR batches: %d/%d done", finished, len(room_futures))
-    return [future.result() for future in room_futures], render_futures
+        logger = get_run_logger()
+        every = max(1, len(room_futures) // 10)
+        for finished, future in enumerate(as_completed(room_futures), 1):
+            future.result()  # a failed batch (after its retries) fails the build here
+            done.add(batch_of[future.task_run_id])
+            submit_ready()
+            if finished % every == 0 or finished == len(room_futures):
+                logger.info("room RIR batches: %d/%d done", finished, len(room_futures))
+        return [future.result() for future in room_futures], render_futures, in_flow_process
+
+
+def _work_while_starting(
+    lane: ThreadPoolTaskRunner,
+    cluster_start: ClusterStart,
+    store_url: str,
+    rir_cache: str,
+    room_batches: list[list[str]],
+) -> list[PrefectFuture]:
+    """Run room batches in this process, one at a time, until the cluster is up (or none is
+    left); return their futures (the last may still be running). Raises if the cluster failed.
+
+    Which process simulates a room never changes its RIRs (each is seeded by its spec), so
+    the store is the same however the race between the two goes.
+    """
+    futures: list[PrefectFuture] = []
+    while len(futures) < len(room_batches) and not cluster_start.ready.is_set():
+        parameters = {
+            "store_url": store_url,
+            "room_ids": room_batches[len(futures)],
+            "rir_cache": rir_cache,
+        }
+        future = lane.submit(simulate_rooms_task, parameters)
+        futures.append(future)
+        while not future.wrapped_future.done() and not cluster_start.ready.wait(0.02):
+            pass
+    try:
+        cluster_start.wait()
+    except BaseException:
+        for future in futures:
+            future.wait()  # the batch in progress finishes and banks its RIRs for the rerun
+        raise
+    return futures
 
 
 def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: dict) -> str:
@@ -245,6 +310,7 @@ def _build(
     logger.info("plan: %s", planned["summary"])
     for reason in planned["quarantined"]:
         logger.warning("quarantined: %s", reason)
+    cluster_start = _start_local_cluster()  # this process simulates rooms while it starts
     # Each task run costs orchestration time (state updates, logs, moving between processes),
     # so rooms and shards are batched: a few balanced batches per parallel slot.
     slots = parallel_slots()
@@ -260,8 +326,8 @@ def _build(
         # A small update still spreads its renders over every worker.
         min(MIN_TASK_SECONDS, sum(planned["shard_costs"]) / slots),
     )
-    rooms, render_futures = _simulate_then_render(
-        store_url, rir_cache, room_batches, shard_batches, slots
+    rooms, render_futures, rooms_in_flow = _simulate_then_render(
+        store_url, rir_cache, room_batches, shard_batches, slots, cluster_start
     )
     shards = [shard for batch in _results(render_futures, "shard batches") for shard in batch]
     report = finalize_task(store_url)
@@ -274,7 +340,13 @@ def _build(
         "examples_kept": planned["examples_done"] + sum(s["examples_reused"] for s in shards),
     }
     report["counts"] = counts
-    logger.info("build counts: %s", counts)
+    # How the work was split into task runs (it varies with the runner; the data does not).
+    report["tasks"] = {
+        "room_batches": len(room_batches),
+        "room_batches_in_flow_process": rooms_in_flow,
+        "shard_batches": len(shard_batches),
+    }
+    logger.info("build counts: %s; task runs: %s", counts, report["tasks"])
     create_markdown_artifact(
         key="dataset-build",
         markdown=markdown_summary(manifest_path, store_url, report, counts),

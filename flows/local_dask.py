@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import threading
 from collections.abc import Iterator
 
 from prefect_dask import DaskTaskRunner
@@ -75,6 +76,50 @@ class LocalDaskTaskRunner(DaskTaskRunner):
         if not _inside_dask_worker():
             start_worker_forkserver()
         return super().__enter__()
+
+
+class ClusterStart:
+    """A cold local cluster being created in a background thread.
+
+    Starting the cluster takes seconds (the fork server's imports, then the workers), during
+    which the flow's own process would only wait; the flow works meanwhile and checks
+    ``ready``. ``wait()`` re-raises the error if the cluster failed to start.
+    """
+
+    def __init__(self, runner: LocalDaskTaskRunner) -> None:
+        self.ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._create, args=(runner,), name="dask-cluster-start", daemon=True
+        )
+        self._thread.start()
+
+    def _create(self, runner: LocalDaskTaskRunner) -> None:
+        try:
+            runner.client  # noqa: B018 - prefect-dask creates the cluster on first access
+        except BaseException as error:  # handed to the flow's thread by wait()
+            self._error = error
+        finally:
+            self.ready.set()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def start_cluster_in_background(runner: object) -> ClusterStart | None:
+    """Begin creating the flow's local cluster unless it exists or is not ours to create
+    (an in-process runner, or an existing cluster given by address)."""
+    if isinstance(runner, LocalDaskTaskRunner) and runner._client is None:
+        return ClusterStart(runner)
+    return None
+
+
+def planned_slots(runner: LocalDaskTaskRunner) -> int:
+    """How many tasks the local cluster will run at once, known before it exists."""
+    kwargs = runner.cluster_kwargs
+    return max(1, int(kwargs.get("n_workers", 1)) * int(kwargs.get("threads_per_worker", 1)))
 
 
 def _inside_dask_worker() -> bool:

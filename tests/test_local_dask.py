@@ -6,12 +6,18 @@ from __future__ import annotations
 import multiprocessing.forkserver
 import os
 import sys
+from pathlib import Path
 
+import pytest
+import zarr
 from distributed import Client
 from prefect import flow, task
 
+from flows.build import build_dataset, run_build
 from flows.local_dask import WORKER_PRELOAD, LocalDaskTaskRunner, served_cluster
 from flows.runners import task_runner
+
+from .conftest import DEMO_MANIFEST
 
 
 def _worker_state() -> dict:
@@ -64,3 +70,43 @@ def test_task_runs_on_workers_start_no_fork_server_of_their_own(prefect_api: str
     assert len(states) == 4
     assert all(state["own_forkserver"] is None for state in states)
     assert all(state["threads"] == "1" for state in states)
+
+
+def _cold_start() -> None:
+    """Stop the fork server an earlier test left, so the next cluster starts cold, as it does
+    in a ``dereverb build`` command (CPython's own tests stop it this way)."""
+    multiprocessing.forkserver._forkserver._stop()
+
+
+def _checksums(url: str) -> list[str]:
+    return list(zarr.open_group(url, mode="r")["shard_checksums"][:])
+
+
+def test_flow_process_simulates_rooms_while_a_cold_cluster_starts(
+    demo_store: str, tmp_path: Path
+) -> None:
+    _cold_start()
+    url = str(tmp_path / "demo.zarr")
+    report = run_build(str(DEMO_MANIFEST), url, workers=2)
+    # The fork server's imports take seconds; the first room batch never waits for them.
+    assert report["tasks"]["room_batches_in_flow_process"] >= 1
+    assert report["counts"]["rirs_simulated"] == report["summary"]["unique_rirs"]
+    assert _checksums(url) == _checksums(demo_store)  # as built in-process
+
+
+def test_cluster_that_fails_to_start_fails_the_build_and_keeps_the_rooms_done(
+    demo_store: str, tmp_path: Path
+) -> None:
+    _cold_start()
+    runner = task_runner(2)
+    broken = type(runner)(
+        cluster_class=runner.cluster_class,
+        cluster_kwargs={**runner.cluster_kwargs, "no_such_worker_option": 1},
+    )
+    url = str(tmp_path / "demo.zarr")
+    with pytest.raises(Exception, match="failed to start"):
+        build_dataset.with_options(task_runner=broken)(str(DEMO_MANIFEST), url)
+    report = run_build(str(DEMO_MANIFEST), url, workers=1)
+    # What the flow's process simulated while the cluster tried to start was banked.
+    assert report["counts"]["rirs_reused"] >= 1
+    assert _checksums(url) == _checksums(demo_store)
