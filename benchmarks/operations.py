@@ -21,9 +21,10 @@ flow run, so no run pays for it.
     re-rendered, and the shards holding them rewritten (shards hold one room's examples side by
     side, so ~10% of shards are touched). Timed against a full build of the edited manifest
     with the same runner (2 workers); the updated store is checked to equal that full build.
-    Twice: as one-off commands (each starts its own ``LocalCluster``, whose workers start and
-    import cold), and on a warm cluster kept between runs (as ``dereverb serve`` keeps one, or
-    a cluster given by ``--dask-address``).
+    Three ways: as one-off builds in this process (each starts its own ``LocalCluster``, whose
+    workers start and import cold, as in a command); as real ``dereverb build`` commands
+    (interpreter start, imports and exit included); and on a warm cluster kept between runs
+    (as ``dereverb serve`` keeps one, or a cluster given by ``--dask-address``).
 
 Goals: (a) >= 1.7x, (b) <= 15% overhead, (c) <= 20% of a full build. Each build is repeated
 (``--repeat``, default 3; one repetition varied by up to 30% on a shared 2-core VM) and the
@@ -42,6 +43,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,6 +152,25 @@ def dask_runner(workers: int):
     )
 
 
+def cli_build(manifest: Path, url: str) -> dict:
+    """``dereverb build --workers 2`` in its own process, as a user runs it: interpreter start,
+    imports and exit included; the Prefect server is the warm one (``PREFECT_API_URL``). Output
+    goes to a file, not a pipe, so the time is the command's, as a shell waits for it (the
+    workers' fork server may outlive it by a moment, holding its stdout)."""
+    with tempfile.TemporaryFile("w+") as log:
+        command = [sys.executable, "-m", "flows.cli", "build", str(manifest), "--store", url]
+        returncode = subprocess.call(
+            [*command, "--workers", "2", "--no-progress"], cwd=REPO, stdout=log, stderr=log
+        )
+        log.seek(0)
+        output = log.read()
+    if returncode:
+        raise RuntimeError(f"dereverb build failed:\n{output[-3000:]}")
+    line = next(line for line in output.splitlines() if line.startswith("counts: "))
+    pairs = (item.rsplit(" ", 1) for item in line.removeprefix("counts: ").split(", "))
+    return {"counts": {key: int(value) for key, value in pairs}}
+
+
 @dataclass
 class Run:
     wall: float
@@ -209,6 +230,11 @@ def timed(what: str, fn, live: list[psutil.Process], cold: bool = True) -> Run:
     cpu = cpu_seconds(live) - cpu0
     counts = report.get("counts", {})
     brief = {k: v for k, v in counts.items() if k in ("rirs_simulated", "shards_rendered")}
+    if report.get("tasks", {}).get("room_batches_in_flow_process"):
+        tasks = report["tasks"]
+        brief["room batches in flow process"] = (
+            f"{tasks['room_batches_in_flow_process']}/{tasks['room_batches']}"
+        )
     print(f"  {what:<46} {seconds:7.1f} s wall {cpu:7.1f} s CPU   {brief}", flush=True)
     return Run(seconds, cpu, report)
 
@@ -325,6 +351,7 @@ def main() -> None:
                     ),
                 ):
                     if key == "incr":
+                        shutil.copytree(store("dask2"), store("cli_incr"))  # base for the CLI
                         identical &= all(
                             checksums(store(n)) == checksums(store("serial"))
                             for n in ("inproc", "dask1", "dask2")
@@ -333,6 +360,21 @@ def main() -> None:
                     runs.setdefault(key, []).append(run)
                 incremental_ok &= same_data(store("dask2"), store("full"))
                 print(f"    update counts: {runs['incr'][-1].report['counts']}")
+                for key, what, fn in (
+                    (
+                        "cli_incr",
+                        "`dereverb build` command: the same update",
+                        lambda url: cli_build(manifest_edited, url),
+                    ),
+                    (
+                        "cli_full",
+                        "`dereverb build` command: full build of the edit",
+                        lambda url: cli_build(manifest_edited, url),
+                    ),
+                ):
+                    run = timed(what, functools.partial(fn, store(key)), live)
+                    runs.setdefault(key, []).append(run)
+                incremental_ok &= same_data(store("cli_incr"), store("full"))
                 with served_cluster(2, None) as address:  # as `dereverb serve` keeps one
                     warm_live = [*live, psutil.Process(forkserver_pid())]
                     for key, what, path, target in (
@@ -353,11 +395,11 @@ def main() -> None:
                 incremental_ok &= same_data(store("warm_base"), store("warm_full"))
                 for key in runs:
                     shutil.rmtree(store(key), ignore_errors=True)
-            serial, inproc, dask1, dask2, incr, full, warm_incr, warm_full = (
+            serial, inproc, dask1, dask2, incr, full, cli_incr, cli_full, warm_incr, warm_full = (
                 median_run(runs[k])
                 for k in (
                     *("serial", "inproc", "dask1", "dask2", "incr", "full"),
-                    *("warm_incr", "warm_full"),
+                    *("cli_incr", "cli_full", "warm_incr", "warm_full"),
                 )
             )
 
@@ -391,6 +433,11 @@ def main() -> None:
             f"(c) incremental vs full build:       {incr.wall / full.wall:6.1%}   "
             f"({incr.wall:.1f} s vs {full.wall:.1f} s; goal <= 20%) "
             f"[CPU {incr.cpu / full.cpu:.1%}]"
+        )
+        print(
+            f"    as `dereverb build` commands:    {cli_incr.wall / cli_full.wall:6.1%}   "
+            f"({cli_incr.wall:.1f} s vs {cli_full.wall:.1f} s; interpreter start, imports and "
+            "exit included)"
         )
         print(
             f"    the same on a warm cluster:      {warm_incr.wall / warm_full.wall:6.1%}   "
