@@ -230,11 +230,8 @@ def timed(what: str, fn, live: list[psutil.Process], cold: bool = True) -> Run:
     cpu = cpu_seconds(live) - cpu0
     counts = report.get("counts", {})
     brief = {k: v for k, v in counts.items() if k in ("rirs_simulated", "shards_rendered")}
-    if report.get("tasks", {}).get("room_batches_in_flow_process"):
-        tasks = report["tasks"]
-        brief["room batches in flow process"] = (
-            f"{tasks['room_batches_in_flow_process']}/{tasks['room_batches']}"
-        )
+    if report.get("tasks", {}).get("rooms_in_flow_process"):
+        brief["rooms simulated by the flow's process"] = report["tasks"]["rooms_in_flow_process"]
     print(f"  {what:<46} {seconds:7.1f} s wall {cpu:7.1f} s CPU   {brief}", flush=True)
     return Run(seconds, cpu, report)
 

@@ -150,76 +150,68 @@ def _simulate_then_render(
     room_batches: list[list[str]],
     shard_batches: list[tuple[list[int], list[int]]],
     slots: int,
-    cluster_start: ClusterStart | None = None,
-) -> tuple[list, list[PrefectFuture], int]:
+    started: list[PrefectFuture] | None = None,
+) -> tuple[list, list[PrefectFuture]]:
     """Submit every room batch, then each shard batch as soon as the room batches it needs are
-    done: (room batch results, shard batch futures, room batches run in this process).
+    done: (room batch results, shard batch futures).
 
     Rooms go first; once no room batch is left waiting for a worker, the shard batches whose
     rooms are done are submitted, so workers render while the last rooms finish instead of
     idling at a barrier between the phases. (Submitted earlier, or with Dask dependencies,
-    renders would run ahead of queued rooms: Dask runs later submissions first.)
-
-    While a cold local cluster starts (``cluster_start``), the flow's own process simulates
-    room batches one at a time instead of waiting; the rest go to the cluster once it is up.
+    renders would run ahead of queued rooms: Dask runs later submissions first.) ``started``
+    are the futures of the first batches, already running elsewhere.
     """
-    with contextlib.ExitStack() as stack:
-        room_futures: list[PrefectFuture] = []
-        in_flow_process = 0
-        if cluster_start is not None:
-            lane = stack.enter_context(ThreadPoolTaskRunner(max_workers=1))
-            room_futures = _work_while_starting(
-                lane, cluster_start, store_url, rir_cache, room_batches
-            )
-            in_flow_process = len(room_futures)
-        room_futures += simulate_rooms_task.map(
-            unmapped(store_url), room_batches[len(room_futures) :], unmapped(rir_cache)
+    room_futures = list(started or [])
+    room_futures += simulate_rooms_task.map(
+        unmapped(store_url), room_batches[len(room_futures) :], unmapped(rir_cache)
+    )
+    batch_of = {future.task_run_id: i for i, future in enumerate(room_futures)}
+    done: set[int] = set()
+    waiting = list(shard_batches)
+    render_futures: list[PrefectFuture] = []
+
+    def submit_ready() -> None:
+        nonlocal waiting
+        if len(room_futures) - len(done) > slots:
+            return  # rooms still wait for a worker: they go first
+        ready = [batch for batch, needs in waiting if done.issuperset(needs)]
+        waiting = [(batch, needs) for batch, needs in waiting if not done.issuperset(needs)]
+        render_futures.extend(
+            render_shards_task.submit(store_url, batch, rir_cache) for batch in ready
         )
-        batch_of = {future.task_run_id: i for i, future in enumerate(room_futures)}
-        done: set[int] = set()
-        waiting = list(shard_batches)
-        render_futures: list[PrefectFuture] = []
 
-        def submit_ready() -> None:
-            nonlocal waiting
-            if len(room_futures) - len(done) > slots:
-                return  # rooms still wait for a worker: they go first
-            ready = [batch for batch, needs in waiting if done.issuperset(needs)]
-            waiting = [(batch, needs) for batch, needs in waiting if not done.issuperset(needs)]
-            render_futures.extend(
-                render_shards_task.submit(store_url, batch, rir_cache) for batch in ready
-            )
-
+    submit_ready()
+    logger = get_run_logger()
+    every = max(1, len(room_futures) // 10)
+    for finished, future in enumerate(as_completed(room_futures), 1):
+        future.result()  # a failed batch (after its retries) fails the build here
+        done.add(batch_of[future.task_run_id])
         submit_ready()
-        logger = get_run_logger()
-        every = max(1, len(room_futures) // 10)
-        for finished, future in enumerate(as_completed(room_futures), 1):
-            future.result()  # a failed batch (after its retries) fails the build here
-            done.add(batch_of[future.task_run_id])
-            submit_ready()
-            if finished % every == 0 or finished == len(room_futures):
-                logger.info("room RIR batches: %d/%d done", finished, len(room_futures))
-        return [future.result() for future in room_futures], render_futures, in_flow_process
+        if finished % every == 0 or finished == len(room_futures):
+            logger.info("room RIR batches: %d/%d done", finished, len(room_futures))
+    return [future.result() for future in room_futures], render_futures
 
 
-def _work_while_starting(
+def _simulate_while_starting(
     lane: ThreadPoolTaskRunner,
     cluster_start: ClusterStart,
     store_url: str,
     rir_cache: str,
-    room_batches: list[list[str]],
+    rooms: list[str],
 ) -> list[PrefectFuture]:
-    """Run room batches in this process, one at a time, until the cluster is up (or none is
-    left); return their futures (the last may still be running). Raises if the cluster failed.
+    """Simulate rooms in this process, one at a time, until the cluster is up (or none is
+    left): the futures of the rooms taken, in order (the last may still be running). Raises if
+    the cluster failed to start, once the room in progress is done.
 
-    Which process simulates a room never changes its RIRs (each is seeded by its spec), so
-    the store is the same however the race between the two goes.
+    One room at a time, so this process stops within a room of the cluster being ready and the
+    rest is batched for the workers then. Which process simulates a room never changes its
+    RIRs (each is seeded by its spec): the store is the same however the race goes.
     """
     futures: list[PrefectFuture] = []
-    while len(futures) < len(room_batches) and not cluster_start.ready.is_set():
+    while len(futures) < len(rooms) and not cluster_start.ready.is_set():
         parameters = {
             "store_url": store_url,
-            "room_ids": room_batches[len(futures)],
+            "room_ids": [rooms[len(futures)]],
             "rir_cache": rir_cache,
         }
         future = lane.submit(simulate_rooms_task, parameters)
@@ -230,7 +222,7 @@ def _work_while_starting(
         cluster_start.wait()
     except BaseException:
         for future in futures:
-            future.wait()  # the batch in progress finishes and banks its RIRs for the rerun
+            future.wait()  # the room in progress finishes and banks its RIRs for the rerun
         raise
     return futures
 
@@ -310,25 +302,35 @@ def _build(
     logger.info("plan: %s", planned["summary"])
     for reason in planned["quarantined"]:
         logger.warning("quarantined: %s", reason)
-    cluster_start = _start_local_cluster()  # this process simulates rooms while it starts
+    cluster_start = _start_local_cluster()
     # Each task run costs orchestration time (state updates, logs, moving between processes),
     # so rooms and shards are batched: a few balanced batches per parallel slot.
     slots = parallel_slots()
-    room_batches = steps.balanced_batches(
-        planned["rooms"], planned["room_costs"], batch_count(sum(planned["room_costs"]), slots)
-    )
-    shard_batches = steps.render_batches(
-        planned["shards"],
-        planned["shard_costs"],
-        planned["shard_rooms"],
-        room_batches,
-        batch_count(sum(planned["shard_costs"]), slots),
-        # A small update still spreads its renders over every worker.
-        min(MIN_TASK_SECONDS, sum(planned["shard_costs"]) / slots),
-    )
-    rooms, render_futures, rooms_in_flow = _simulate_then_render(
-        store_url, rir_cache, room_batches, shard_batches, slots, cluster_start
-    )
+    with contextlib.ExitStack() as stack:
+        started: list[PrefectFuture] = []
+        if cluster_start is not None:  # this process works while its cluster starts
+            lane = stack.enter_context(ThreadPoolTaskRunner(max_workers=1))
+            started = _simulate_while_starting(
+                lane, cluster_start, store_url, rir_cache, planned["rooms"]
+            )
+        taken = len(started)
+        rest, rest_costs = planned["rooms"][taken:], planned["room_costs"][taken:]
+        room_batches = [[room] for room in planned["rooms"][:taken]]
+        room_batches += steps.balanced_batches(
+            rest, rest_costs, batch_count(sum(rest_costs), slots)
+        )
+        shard_batches = steps.render_batches(
+            planned["shards"],
+            planned["shard_costs"],
+            planned["shard_rooms"],
+            room_batches,
+            batch_count(sum(planned["shard_costs"]), slots),
+            # A small update still spreads its renders over every worker.
+            min(MIN_TASK_SECONDS, sum(planned["shard_costs"]) / slots),
+        )
+        rooms, render_futures = _simulate_then_render(
+            store_url, rir_cache, room_batches, shard_batches, slots, started
+        )
     shards = [shard for batch in _results(render_futures, "shard batches") for shard in batch]
     report = finalize_task(store_url)
     counts = {
@@ -343,7 +345,7 @@ def _build(
     # How the work was split into task runs (it varies with the runner; the data does not).
     report["tasks"] = {
         "room_batches": len(room_batches),
-        "room_batches_in_flow_process": rooms_in_flow,
+        "rooms_in_flow_process": taken,
         "shard_batches": len(shard_batches),
     }
     logger.info("build counts: %s; task runs: %s", counts, report["tasks"])

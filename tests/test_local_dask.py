@@ -88,8 +88,8 @@ def test_flow_process_simulates_rooms_while_a_cold_cluster_starts(
     _cold_start()
     url = str(tmp_path / "demo.zarr")
     report = run_build(str(DEMO_MANIFEST), url, workers=2)
-    # The fork server's imports take seconds; the first room batch never waits for them.
-    assert report["tasks"]["room_batches_in_flow_process"] >= 1
+    # The fork server's imports take seconds; the first room never waits for them.
+    assert report["tasks"]["rooms_in_flow_process"] >= 1
     assert report["counts"]["rirs_simulated"] == report["summary"]["unique_rirs"]
     assert _checksums(url) == _checksums(demo_store)  # as built in-process
 
