@@ -34,6 +34,19 @@ WORKER_PRELOAD = (
     "flows.build",
 )
 
+# Dask's housekeeping, made quieter for the clusters the build starts itself. By default every
+# scheduler, nanny and worker checks its event loop 50 times a second, and every worker samples
+# its own stack 100 times a second for the dashboard's profile page (these clusters have no
+# dashboard). On 2 cores an idle 2-worker cluster used 2.4 CPU-s per 20 s with the defaults and
+# 0.4 with these (scratch measurement, see benchmarks/RESULTS.md): CPU the workers' tasks get
+# back. Clusters given by address keep their own configuration.
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "200ms",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "500ms",
+}
+
 
 @contextlib.contextmanager
 def _one_thread_environment() -> Iterator[None]:
@@ -76,6 +89,17 @@ class LocalDaskTaskRunner(DaskTaskRunner):
         if not _inside_dask_worker():
             start_worker_forkserver()
         return super().__enter__()
+
+    @property
+    def client(self):
+        """prefect-dask creates the cluster on first access: with ``LOCAL_CLUSTER_CONFIG``
+        (the nannies hand the configuration they were created with to their workers)."""
+        if self._client is not None or self._cluster is not None:
+            return super().client
+        import dask
+
+        with dask.config.set(LOCAL_CLUSTER_CONFIG):
+            return super().client
 
 
 class ClusterStart:
@@ -147,7 +171,11 @@ def served_cluster(workers: int | None, dask_address: str | None) -> Iterator[st
     if dask_address or workers == 1:
         yield dask_address
         return
+    import dask
+
     runner = task_runner(workers)
     start_worker_forkserver()
-    with LocalCluster(**runner.cluster_kwargs) as cluster:
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):
+        cluster = LocalCluster(**runner.cluster_kwargs)
+    with cluster:
         yield cluster.scheduler_address

@@ -8,13 +8,19 @@ import os
 import sys
 from pathlib import Path
 
+import dask
 import pytest
 import zarr
 from distributed import Client
 from prefect import flow, task
 
 from flows.build import build_dataset, run_build
-from flows.local_dask import WORKER_PRELOAD, LocalDaskTaskRunner, served_cluster
+from flows.local_dask import (
+    LOCAL_CLUSTER_CONFIG,
+    WORKER_PRELOAD,
+    LocalDaskTaskRunner,
+    served_cluster,
+)
 from flows.runners import task_runner
 
 from .conftest import DEMO_MANIFEST
@@ -26,6 +32,7 @@ def _worker_state() -> dict:
         "preloaded": [name for name in WORKER_PRELOAD if name in sys.modules],
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "own_forkserver": multiprocessing.forkserver._forkserver._forkserver_pid,
+        "config": {key: dask.config.get(key) for key in LOCAL_CLUSTER_CONFIG},
     }
 
 
@@ -41,6 +48,8 @@ def test_served_cluster_workers_fork_from_the_preloaded_server() -> None:
         # Imported before any task ran: inherited from the server, not imported per worker.
         assert state["preloaded"] == list(WORKER_PRELOAD)
         assert state["threads"] == "1"
+        assert state["config"] == LOCAL_CLUSTER_CONFIG  # quieter housekeeping, via the nanny
+    assert dask.config.get("distributed.worker.profile.enabled")  # this process: unchanged
 
 
 def test_served_cluster_is_only_started_when_needed() -> None:
@@ -70,6 +79,7 @@ def test_task_runs_on_workers_start_no_fork_server_of_their_own(prefect_api: str
     assert len(states) == 4
     assert all(state["own_forkserver"] is None for state in states)
     assert all(state["threads"] == "1" for state in states)
+    assert all(state["config"] == LOCAL_CLUSTER_CONFIG for state in states)
 
 
 def _cold_start() -> None:
