@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -137,6 +138,34 @@ def balanced_batches(items: Sequence[T], costs: Sequence[float], n: int) -> list
     return [[items[i] for i in sorted(m)] for m in members if m]
 
 
+def tapered_batches(
+    items: Sequence[T], costs: Sequence[float], n: int, slots: int
+) -> list[list[T]]:
+    """Split ``items`` into at most ``n`` batches whose cost shrinks, ``slots`` at a time.
+
+    Workers take batches in order as they come free, so a build ends when its last batches
+    do: if those are big, one worker finishes early and idles while another works through a
+    big one. Here the first ``slots`` batches get weight L, the next L - 1, ... and the last
+    ``slots`` weight 1 (L = n / slots levels), so the tail is small and the early batches
+    amortize their orchestration. Greedy: each item, costliest first, joins the batch furthest
+    below its share; ties by position, so the result is deterministic. Items keep their
+    original order inside a batch; batches come biggest first.
+    """
+    n = max(1, min(n, len(items)))
+    slots = max(1, min(slots, n))
+    levels = math.ceil(n / slots)
+    weights = [levels - b // slots for b in range(n)]
+    total_cost = sum(costs)
+    shares = [total_cost * w / sum(weights) for w in weights]
+    totals = [0.0] * n
+    members: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
+        b = min(range(n), key=lambda b: (totals[b] - shares[b], b))
+        totals[b] += costs[i]
+        members[b].append(i)
+    return [[items[i] for i in sorted(m)] for m in members if m]
+
+
 # Rough CPU seconds per unit of work on a 2-core x86 VM (benchmarks/operations.py), used only
 # to size task batches: a room's RIRs per second of RT60 (the tail to simulate grows with it),
 # and rendering per second of audio.
@@ -165,6 +194,25 @@ def shard_rooms(plan: Plan, shard_ids: Sequence[int]) -> list[list[str]]:
     for example in plan.examples:
         rooms.setdefault(example.shard, set()).add(example.room_id)
     return [sorted(rooms.get(i, ())) for i in shard_ids]
+
+
+def shards_by_room(
+    rooms: Sequence[str], rooms_needed: Sequence[Sequence[str]]
+) -> tuple[dict[str, list[int]], list[int]]:
+    """Which shards (positions in ``rooms_needed``) can be rendered right after one room of
+    ``rooms`` (the rooms still to simulate) is: those that need that room and no other of
+    them (a shard holds one room's examples). The rest, which need none or several of them,
+    are listed apart. Positions keep their order."""
+    pending = set(rooms)
+    own: dict[str, list[int]] = {room: [] for room in rooms}
+    apart: list[int] = []
+    for position, needed in enumerate(rooms_needed):
+        waits = {room for room in needed if room in pending}
+        if len(waits) == 1:
+            own[waits.pop()].append(position)
+        else:
+            apart.append(position)
+    return own, apart
 
 
 def render_batches(

@@ -64,19 +64,32 @@ def plan_task(
     }
 
 
-@task(name="simulate-rooms", cache_policy=NO_CACHE, retries=2)
-def simulate_rooms_task(store_url: str, room_ids: list[str], rir_cache: str) -> tuple[int, int]:
-    """Simulate the missing RIRs of a batch of rooms: (simulated, reused)."""
+@task(name="build-rooms", cache_policy=NO_CACHE, retries=2)
+def build_rooms_task(
+    store_url: str, room_ids: list[str], shard_ids: list[int], rir_cache: str
+) -> dict:
+    """Simulate the missing RIRs of a batch of rooms, then render the shards that wait only
+    for these rooms: one task run instead of two (each costs orchestration time), and the
+    shards start as soon as their RIRs exist, not after a round trip through the flow."""
     steps.limit_threads()
     counts = [steps.simulate_room_step(store_url, room, rir_cache) for room in room_ids]
-    return sum(new for new, _ in counts), sum(old for _, old in counts)
+    return {
+        "simulated": sum(new for new, _ in counts),
+        "reused": sum(old for _, old in counts),
+        "shards": _render(store_url, shard_ids, rir_cache),
+    }
 
 
 @task(name="render-shards", cache_policy=NO_CACHE, retries=2)
 def render_shards_task(store_url: str, shard_ids: list[int], rir_cache: str) -> list[dict]:
-    """Render a batch of shards; each is written whole and marked done on its own, so a crash
-    mid-batch keeps the shards already finished."""
+    """Render a batch of shards whose rooms are simulated (or need several room batches)."""
     steps.limit_threads()
+    return _render(store_url, shard_ids, rir_cache)
+
+
+def _render(store_url: str, shard_ids: list[int], rir_cache: str) -> list[dict]:
+    """Each shard is written whole and marked done on its own, so a crash mid-batch keeps the
+    shards already finished."""
     results = []
     for shard_id in shard_ids:
         result = steps.render_shard_step(store_url, shard_id, rir_cache)
@@ -147,23 +160,28 @@ def _results(futures: list[PrefectFuture], what: str) -> list:
 def _simulate_then_render(
     store_url: str,
     rir_cache: str,
-    room_batches: list[list[str]],
+    room_batches: list[tuple[list[str], list[int]]],
     shard_batches: list[tuple[list[int], list[int]]],
     slots: int,
     started: list[PrefectFuture] | None = None,
 ) -> tuple[list, list[PrefectFuture]]:
-    """Submit every room batch, then each shard batch as soon as the room batches it needs are
-    done: (room batch results, shard batch futures).
+    """Submit every room batch (rooms, then the shards that wait only for them), then each
+    shard batch as soon as the room batches it needs are done: (room batch results, shard
+    batch futures).
 
     Rooms go first; once no room batch is left waiting for a worker, the shard batches whose
     rooms are done are submitted, so workers render while the last rooms finish instead of
-    idling at a barrier between the phases. (Submitted earlier, or with Dask dependencies,
-    renders would run ahead of queued rooms: Dask runs later submissions first.) ``started``
-    are the futures of the first batches, already running elsewhere.
+    idling at a barrier. (Submitted earlier, or with Dask dependencies, renders would run ahead
+    of queued rooms: Dask runs later submissions first.) ``started`` are the futures of the
+    first batches, already running elsewhere.
     """
     room_futures = list(started or [])
-    room_futures += simulate_rooms_task.map(
-        unmapped(store_url), room_batches[len(room_futures) :], unmapped(rir_cache)
+    rest = room_batches[len(room_futures) :]
+    room_futures += build_rooms_task.map(
+        unmapped(store_url),
+        [rooms for rooms, _ in rest],
+        [shards for _, shards in rest],
+        unmapped(rir_cache),
     )
     batch_of = {future.task_run_id: i for i, future in enumerate(room_futures)}
     done: set[int] = set()
@@ -197,24 +215,27 @@ def _simulate_while_starting(
     cluster_start: ClusterStart,
     store_url: str,
     rir_cache: str,
-    rooms: list[str],
+    rooms: list[tuple[str, list[int]]],
 ) -> list[PrefectFuture]:
-    """Simulate rooms in this process, one at a time, until the cluster is up (or none is
-    left): the futures of the rooms taken, in order (the last may still be running). Raises if
-    the cluster failed to start, once the room in progress is done.
+    """Build rooms (each with the shards that wait only for it) in this process, one at a
+    time, until the cluster is up (or none is left): the futures of the rooms taken, in order
+    (the last may still be running). Raises if the cluster failed to start, once the room in
+    progress is done.
 
     One room at a time, so this process stops within a room of the cluster being ready and the
-    rest is batched for the workers then. Which process simulates a room never changes its
-    RIRs (each is seeded by its spec): the store is the same however the race goes.
+    rest is batched for the workers then. Which process builds a room never changes its data
+    (each RIR is seeded by its spec): the store is the same however the race goes.
     """
     futures: list[PrefectFuture] = []
     while len(futures) < len(rooms) and not cluster_start.ready.is_set():
+        room, shards = rooms[len(futures)]
         parameters = {
             "store_url": store_url,
-            "room_ids": [rooms[len(futures)]],
+            "room_ids": [room],
+            "shard_ids": shards,
             "rir_cache": rir_cache,
         }
-        future = lane.submit(simulate_rooms_task, parameters)
+        future = lane.submit(build_rooms_task, parameters)
         futures.append(future)
         while not future.wrapped_future.done() and not cluster_start.ready.wait(0.02):
             pass
@@ -293,6 +314,30 @@ def build_dataset(
     return report
 
 
+def _room_units(planned: dict) -> tuple[list[tuple[str, list[int]]], list[float], list[int]]:
+    """Each room to simulate with the shards that wait only for it, their estimated costs,
+    and the positions of the other pending shards (rendered in batches of their own)."""
+    shards, shard_costs = planned["shards"], planned["shard_costs"]
+    own, apart = steps.shards_by_room(planned["rooms"], planned["shard_rooms"])
+    units = [(room, [shards[j] for j in own[room]]) for room in planned["rooms"]]
+    costs = [
+        cost + sum(shard_costs[j] for j in own[room])
+        for room, cost in zip(planned["rooms"], planned["room_costs"], strict=True)
+    ]
+    return units, costs, apart
+
+
+def _batched(
+    units: list[tuple[str, list[int]]], costs: list[float], slots: int
+) -> list[tuple[list[str], list[int]]]:
+    """Room units in tapered batches (big first, small last): (rooms, shards) each."""
+    batches = steps.tapered_batches(range(len(units)), costs, batch_count(sum(costs), slots), slots)
+    return [
+        ([units[i][0] for i in batch], sorted(s for i in batch for s in units[i][1]))
+        for batch in batches
+    ]
+
+
 def _build(
     manifest_path: str, store_url: str, rir_cache: str | None, corpus_path: str | None
 ) -> dict:
@@ -304,48 +349,48 @@ def _build(
         logger.warning("quarantined: %s", reason)
     cluster_start = _start_local_cluster()
     # Each task run costs orchestration time (state updates, logs, moving between processes),
-    # so rooms and shards are batched: a few balanced batches per parallel slot.
+    # so rooms are batched with the shards that wait only for them, a few batches per slot.
     slots = parallel_slots()
+    units, unit_costs, apart = _room_units(planned)
     with contextlib.ExitStack() as stack:
         started: list[PrefectFuture] = []
         if cluster_start is not None:  # this process works while its cluster starts
             lane = stack.enter_context(ThreadPoolTaskRunner(max_workers=1))
-            started = _simulate_while_starting(
-                lane, cluster_start, store_url, rir_cache, planned["rooms"]
-            )
+            started = _simulate_while_starting(lane, cluster_start, store_url, rir_cache, units)
         taken = len(started)
-        rest, rest_costs = planned["rooms"][taken:], planned["room_costs"][taken:]
-        room_batches = [[room] for room in planned["rooms"][:taken]]
-        room_batches += steps.balanced_batches(
-            rest, rest_costs, batch_count(sum(rest_costs), slots)
-        )
+        room_batches = [([room], shard_ids) for room, shard_ids in units[:taken]]
+        room_batches += _batched(units[taken:], unit_costs[taken:], slots)
+        apart_costs = [planned["shard_costs"][j] for j in apart]
         shard_batches = steps.render_batches(
-            planned["shards"],
-            planned["shard_costs"],
-            planned["shard_rooms"],
-            room_batches,
-            batch_count(sum(planned["shard_costs"]), slots),
+            [planned["shards"][j] for j in apart],
+            apart_costs,
+            [planned["shard_rooms"][j] for j in apart],
+            [batch_rooms for batch_rooms, _ in room_batches],
+            batch_count(sum(apart_costs), slots),
             # A small update still spreads its renders over every worker.
-            min(MIN_TASK_SECONDS, sum(planned["shard_costs"]) / slots),
+            min(MIN_TASK_SECONDS, sum(apart_costs) / slots),
         )
-        rooms, render_futures = _simulate_then_render(
+        built, render_futures = _simulate_then_render(
             store_url, rir_cache, room_batches, shard_batches, slots, started
         )
-    shards = [shard for batch in _results(render_futures, "shard batches") for shard in batch]
+    rendered = [shard for batch in _results(render_futures, "shard batches") for shard in batch]
+    shard_results = [shard for batch in built for shard in batch["shards"]] + rendered
     report = finalize_task(store_url)
     counts = {
-        "rirs_simulated": sum(new for new, _ in rooms),
-        "rirs_reused": planned["rirs_already_banked"] + sum(old for _, old in rooms),
-        "shards_rendered": sum(s["rendered"] for s in shards),
-        "shards_kept": planned["shards_done"] + sum(not s["rendered"] for s in shards),
-        "examples_rendered": sum(s["examples_rendered"] for s in shards),
-        "examples_kept": planned["examples_done"] + sum(s["examples_reused"] for s in shards),
+        "rirs_simulated": sum(batch["simulated"] for batch in built),
+        "rirs_reused": planned["rirs_already_banked"] + sum(batch["reused"] for batch in built),
+        "shards_rendered": sum(s["rendered"] for s in shard_results),
+        "shards_kept": planned["shards_done"] + sum(not s["rendered"] for s in shard_results),
+        "examples_rendered": sum(s["examples_rendered"] for s in shard_results),
+        "examples_kept": planned["examples_done"]
+        + sum(s["examples_reused"] for s in shard_results),
     }
     report["counts"] = counts
     # How the work was split into task runs (it varies with the runner; the data does not).
     report["tasks"] = {
         "room_batches": len(room_batches),
         "rooms_in_flow_process": taken,
+        "shards_with_their_rooms": sum(len(shard_ids) for _, shard_ids in room_batches),
         "shard_batches": len(shard_batches),
     }
     logger.info("build counts: %s; task runs: %s", counts, report["tasks"])

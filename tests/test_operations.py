@@ -22,6 +22,8 @@ from dereverb_data.build import (
     render_batches,
     shard_costs,
     shard_rooms,
+    shards_by_room,
+    tapered_batches,
 )
 from dereverb_data.lock import StoreLocked, build_lock
 from dereverb_data.manifest import Absorption, parse_manifest
@@ -197,6 +199,42 @@ def test_balanced_batches_cover_every_item_once_and_balance_the_cost(n: int) -> 
     assert max(totals) <= sum(costs) / len(batches) + max(costs) + 1e-9
     assert balanced_batches(items, costs, n) == batches  # deterministic
     assert balanced_batches([], [], n) == []
+
+
+@pytest.mark.parametrize(("n", "slots"), [(1, 1), (4, 1), (8, 2), (7, 2), (12, 3), (50, 2)])
+def test_tapered_batches_cover_every_item_once_and_shrink_towards_the_end(
+    n: int, slots: int
+) -> None:
+    rng = np.random.default_rng(n + slots)
+    items = [f"room{i}" for i in range(37)]
+    costs = list(rng.uniform(0.5, 3.0, len(items)))
+    batches = tapered_batches(items, costs, n, slots)
+    assert sorted(i for b in batches for i in b) == sorted(items)
+    for batch in batches:  # original order inside a batch
+        assert batch == sorted(batch, key=items.index)
+    assert tapered_batches(items, costs, n, slots) == batches  # deterministic
+    assert tapered_batches([], [], n, slots) == []
+    if n >= len(items):  # more batches wanted than items: some stay empty and are dropped
+        assert len(batches) <= len(items)
+        return
+    assert len(batches) == n
+    totals = [sum(costs[items.index(i)] for i in b) for b in batches]
+    levels = -(-len(batches) // slots)
+    weights = [levels - b // slots for b in range(len(batches))]
+    shares = [sum(costs) * w / sum(weights) for w in weights]
+    # Each batch within one item of its share: the last ones small, the first ones big.
+    assert all(abs(t - s) <= max(costs) + 1e-9 for t, s in zip(totals, shares, strict=True))
+    if levels >= 3:
+        assert sum(totals[:slots]) > sum(totals[-slots:])
+
+
+def test_shards_by_room_attaches_single_room_shards_to_their_room() -> None:
+    pending = ["r1", "r2", "r3"]
+    needed = [["r1"], ["r2"], ["r1", "r2"], ["r0"], ["r0", "r3"], ["r1"], []]
+    own, apart = shards_by_room(pending, needed)
+    # r0 is banked already: a shard of r0 and r3 waits only for r3.
+    assert own == {"r1": [0, 5], "r2": [1], "r3": [4]}
+    assert apart == [2, 3, 6]  # several pending rooms, or none
 
 
 def test_batch_count_balances_big_builds_and_keeps_small_tasks_worth_their_cost() -> None:

@@ -188,10 +188,12 @@ def test_killed_build_resumes_to_the_same_store(
     assert process.returncode == -signal.SIGKILL
     done_shards, done_rirs = markers(store), rirs_in_bank(store)
     assert done_shards < n_shards, "the build finished before it was killed"
+    # A room's shards render right after its RIRs, in the same task: shards can be done
+    # while other rooms still wait for their RIRs.
     if kill_at == "simulating-rirs":
-        assert done_shards == 0 and 1 <= done_rirs < n_rirs
+        assert 1 <= done_rirs < n_rirs
     else:
-        assert done_shards >= 1 and done_rirs == n_rirs
+        assert done_shards >= 1 and done_rirs >= 1
     assert not zarr.open_group(store, mode="r").attrs["complete"]
 
     counts = finish_build(manifest, store, prefect_api)
@@ -231,11 +233,21 @@ def test_killed_dask_worker_does_not_fail_the_build(
     log = tmp_path / "worker-killed.log"
     process = start_build(manifest, store, 2, prefect_api, log)
     try:
-        # Kill a worker while shards are being rendered (both workers are busy then).
-        wait_for(lambda: markers(store) >= 1, process, log)
-        workers = _worker_processes(process.pid)
-        assert len(workers) == 2, [w.cmdline() for w in workers]
-        victim = workers[0]
+        # Kill a worker while it runs a task: once it has used CPU well beyond starting up.
+        started: dict[int, float] = {}
+
+        def busy_worker() -> psutil.Process | None:
+            for worker in _worker_processes(process.pid):
+                with contextlib.suppress(psutil.Error):
+                    used = sum(worker.cpu_times()[:2])
+                    if used - started.setdefault(worker.pid, used) >= 0.3:
+                        return worker
+            return None
+
+        wait_for(lambda: busy_worker() is not None, process, log)
+        assert len(_worker_processes(process.pid)) == 2
+        victim = busy_worker()
+        assert victim is not None
         victim.kill()
         victim.wait(timeout=30)
         killed_with = markers(store)
