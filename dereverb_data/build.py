@@ -199,65 +199,35 @@ def shard_rooms(plan: Plan, shard_ids: Sequence[int]) -> list[list[str]]:
 def shards_by_room(
     rooms: Sequence[str], rooms_needed: Sequence[Sequence[str]]
 ) -> tuple[dict[str, list[int]], list[int]]:
-    """Which shards (positions in ``rooms_needed``) can be rendered right after one room of
-    ``rooms`` (the rooms still to simulate) is: those that need that room and no other of
-    them (a shard holds one room's examples). The rest, which need none or several of them,
-    are listed apart. Positions keep their order."""
+    """For each room of ``rooms`` (the rooms still to simulate), the shards (positions in
+    ``rooms_needed``) that need it; and apart, the shards that need none of them. A shard
+    holds one room's examples, or two where one room's end and the next's start share it, so
+    most shards are listed under one room and a few under two. Positions keep their order."""
     pending = set(rooms)
-    own: dict[str, list[int]] = {room: [] for room in rooms}
+    needing: dict[str, list[int]] = {room: [] for room in rooms}
     apart: list[int] = []
     for position, needed in enumerate(rooms_needed):
-        waits = {room for room in needed if room in pending}
-        if len(waits) == 1:
-            own[waits.pop()].append(position)
-        else:
+        waits = sorted({room for room in needed if room in pending})
+        for room in waits:
+            needing[room].append(position)
+        if not waits:
             apart.append(position)
-    return own, apart
+    return needing, apart
 
 
-def render_batches(
-    shards: Sequence[int],
-    costs: Sequence[float],
-    rooms_needed: Sequence[Sequence[str]],
-    room_batches: Sequence[Sequence[str]],
-    n: int,
-    min_cost: float,
-) -> list[tuple[list[int], list[int]]]:
-    """Batches of shards to render, each with the room batches (indices) it must wait for.
-
-    A shard waits only for the batches that simulate its own rooms, so rendering can start as
-    soon as those finish instead of every worker idling until the last room is simulated.
-    Shards are grouped by what they wait for (a shard holds one room's examples, so most wait
-    for one batch); groups lighter than ``min_cost`` join the next; each group is split into
-    batches in proportion to its cost, about ``n`` in all. Shards that wait for nothing come
-    first, then in the order of the room batches they wait for.
-    """
-    batch_of_room = {room: i for i, batch in enumerate(room_batches) for room in batch}
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for position, rooms in enumerate(rooms_needed):
-        waits = tuple(sorted({batch_of_room[r] for r in rooms if r in batch_of_room}))
-        groups.setdefault(waits, []).append(position)
-    merged: list[list[int]] = []
-    pending: list[int] = []
-    for waits in sorted(groups, key=lambda w: (max(w, default=-1), w)):
-        pending += groups[waits]
-        if sum(costs[i] for i in pending) >= min_cost:
-            merged.append(pending)
-            pending = []
-    if pending:
-        merged.append(pending)
-    total = sum(costs) or 1.0
-    out: list[tuple[list[int], list[int]]] = []
-    for members in merged:
-        cost = sum(costs[i] for i in members)
-        share = max(1, round(n * cost / total))
-        if min_cost > 0:
-            share = min(share, max(1, int(cost // min_cost)))  # no batch much under min_cost
-        members.sort()
-        for batch in balanced_batches(members, [costs[i] for i in members], share):
-            waits = {batch_of_room[r] for i in batch for r in rooms_needed[i] if r in batch_of_room}
-            out.append(([shards[i] for i in batch], sorted(waits)))
-    return out
+def shards_ready(store_url: str, shard_ids: Sequence[int], rir_cache: str) -> list[int]:
+    """The shards of ``shard_ids`` whose RIRs are all in the bank, in order."""
+    plan = load_plan(store_url)
+    bank = RirBank(rir_cache)
+    banked: dict[str, bool] = {}
+    ready = []
+    for shard_id in shard_ids:
+        rir_ids = {plan.example(e).rir_id for e in plan.shards[shard_id].example_ids}
+        for rir_id in rir_ids - banked.keys():
+            banked[rir_id] = bank.has_rir(rir_id)
+        if all(banked[rir_id] for rir_id in rir_ids):
+            ready.append(shard_id)
+    return ready
 
 
 def simulate_room_step(store_url: str, room_id: str, rir_cache: str) -> tuple[int, int]:

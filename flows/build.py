@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,21 +69,26 @@ def plan_task(
 def build_rooms_task(
     store_url: str, room_ids: list[str], shard_ids: list[int], rir_cache: str
 ) -> dict:
-    """Simulate the missing RIRs of a batch of rooms, then render the shards that wait only
-    for these rooms: one task run instead of two (each costs orchestration time), and the
-    shards start as soon as their RIRs exist, not after a round trip through the flow."""
+    """Simulate the missing RIRs of a batch of rooms, then render those of ``shard_ids`` (the
+    shards that need these rooms) whose RIRs are all banked: one task run instead of two (each
+    costs orchestration time), and shards start as soon as their RIRs exist.
+
+    A shard shared with a room of another batch is rendered by whichever batch finishes its
+    rooms last, since that one finds every RIR banked (rarely both, which write the same
+    bytes; the flow renders any shard that neither did)."""
     steps.limit_threads()
     counts = [steps.simulate_room_step(store_url, room, rir_cache) for room in room_ids]
+    ready = steps.shards_ready(store_url, shard_ids, rir_cache)
     return {
         "simulated": sum(new for new, _ in counts),
         "reused": sum(old for _, old in counts),
-        "shards": _render(store_url, shard_ids, rir_cache),
+        "shards": _render(store_url, ready, rir_cache),
     }
 
 
 @task(name="render-shards", cache_policy=NO_CACHE, retries=2)
 def render_shards_task(store_url: str, shard_ids: list[int], rir_cache: str) -> list[dict]:
-    """Render a batch of shards whose rooms are simulated (or need several room batches)."""
+    """Render a batch of shards whose rooms are all simulated."""
     steps.limit_threads()
     return _render(store_url, shard_ids, rir_cache)
 
@@ -161,19 +167,17 @@ def _simulate_then_render(
     store_url: str,
     rir_cache: str,
     room_batches: list[tuple[list[str], list[int]]],
-    shard_batches: list[tuple[list[int], list[int]]],
+    shard_batches: list[list[int]],
     slots: int,
     started: list[PrefectFuture] | None = None,
 ) -> tuple[list, list[PrefectFuture]]:
-    """Submit every room batch (rooms, then the shards that wait only for them), then each
-    shard batch as soon as the room batches it needs are done: (room batch results, shard
-    batch futures).
+    """Submit every room batch (rooms, then their shards), then the batches of shards that
+    need no room: (room batch results, shard batch futures).
 
-    Rooms go first; once no room batch is left waiting for a worker, the shard batches whose
-    rooms are done are submitted, so workers render while the last rooms finish instead of
-    idling at a barrier. (Submitted earlier, or with Dask dependencies, renders would run ahead
-    of queued rooms: Dask runs later submissions first.) ``started`` are the futures of the
-    first batches, already running elsewhere.
+    Rooms go first: the shard batches are submitted once no room batch is left waiting for a
+    worker. (Submitted earlier, they would run ahead of queued rooms: Dask runs later
+    submissions first.) ``started`` are the futures of the first batches, already running
+    elsewhere.
     """
     room_futures = list(started or [])
     rest = room_batches[len(room_futures) :]
@@ -183,30 +187,23 @@ def _simulate_then_render(
         [shards for _, shards in rest],
         unmapped(rir_cache),
     )
-    batch_of = {future.task_run_id: i for i, future in enumerate(room_futures)}
-    done: set[int] = set()
-    waiting = list(shard_batches)
     render_futures: list[PrefectFuture] = []
 
-    def submit_ready() -> None:
-        nonlocal waiting
-        if len(room_futures) - len(done) > slots:
-            return  # rooms still wait for a worker: they go first
-        ready = [batch for batch, needs in waiting if done.issuperset(needs)]
-        waiting = [(batch, needs) for batch, needs in waiting if not done.issuperset(needs)]
+    def submit_renders(finished: int) -> None:
+        if render_futures or len(room_futures) - finished > slots:
+            return
         render_futures.extend(
-            render_shards_task.submit(store_url, batch, rir_cache) for batch in ready
+            render_shards_task.submit(store_url, batch, rir_cache) for batch in shard_batches
         )
 
-    submit_ready()
+    submit_renders(0)
     logger = get_run_logger()
     every = max(1, len(room_futures) // 10)
     for finished, future in enumerate(as_completed(room_futures), 1):
         future.result()  # a failed batch (after its retries) fails the build here
-        done.add(batch_of[future.task_run_id])
-        submit_ready()
+        submit_renders(finished)
         if finished % every == 0 or finished == len(room_futures):
-            logger.info("room RIR batches: %d/%d done", finished, len(room_futures))
+            logger.info("room batches: %d/%d done", finished, len(room_futures))
     return [future.result() for future in room_futures], render_futures
 
 
@@ -315,13 +312,14 @@ def build_dataset(
 
 
 def _room_units(planned: dict) -> tuple[list[tuple[str, list[int]]], list[float], list[int]]:
-    """Each room to simulate with the shards that wait only for it, their estimated costs,
-    and the positions of the other pending shards (rendered in batches of their own)."""
+    """Each room to simulate with the shards that need it, their estimated costs (a shard's
+    cost shared between its rooms), and the positions of the shards that need no room."""
     shards, shard_costs = planned["shards"], planned["shard_costs"]
-    own, apart = steps.shards_by_room(planned["rooms"], planned["shard_rooms"])
-    units = [(room, [shards[j] for j in own[room]]) for room in planned["rooms"]]
+    needing, apart = steps.shards_by_room(planned["rooms"], planned["shard_rooms"])
+    rooms_of = Counter(j for positions in needing.values() for j in positions)
+    units = [(room, [shards[j] for j in needing[room]]) for room in planned["rooms"]]
     costs = [
-        cost + sum(shard_costs[j] for j in own[room])
+        cost + sum(shard_costs[j] / rooms_of[j] for j in needing[room])
         for room, cost in zip(planned["rooms"], planned["room_costs"], strict=True)
     ]
     return units, costs, apart
@@ -333,9 +331,19 @@ def _batched(
     """Room units in tapered batches (big first, small last): (rooms, shards) each."""
     batches = steps.tapered_batches(range(len(units)), costs, batch_count(sum(costs), slots), slots)
     return [
-        ([units[i][0] for i in batch], sorted(s for i in batch for s in units[i][1]))
+        ([units[i][0] for i in batch], sorted({s for i in batch for s in units[i][1]}))
         for batch in batches
     ]
+
+
+def _merged(results: list[dict]) -> list[dict]:
+    """One result per shard: where two tasks reported a shard, the one that rendered it."""
+    by_shard: dict[int, dict] = {}
+    for result in results:
+        seen = by_shard.get(result["shard_id"])
+        if seen is None or (result["rendered"] and not seen["rendered"]):
+            by_shard[result["shard_id"]] = result
+    return list(by_shard.values())
 
 
 def _build(
@@ -361,20 +369,20 @@ def _build(
         room_batches = [([room], shard_ids) for room, shard_ids in units[:taken]]
         room_batches += _batched(units[taken:], unit_costs[taken:], slots)
         apart_costs = [planned["shard_costs"][j] for j in apart]
-        shard_batches = steps.render_batches(
-            [planned["shards"][j] for j in apart],
-            apart_costs,
-            [planned["shard_rooms"][j] for j in apart],
-            [batch_rooms for batch_rooms, _ in room_batches],
-            batch_count(sum(apart_costs), slots),
-            # A small update still spreads its renders over every worker.
-            min(MIN_TASK_SECONDS, sum(apart_costs) / slots),
+        shard_batches = steps.balanced_batches(  # e.g. a repair: shards whose RIRs are banked
+            [planned["shards"][j] for j in apart], apart_costs, batch_count(sum(apart_costs), slots)
         )
         built, render_futures = _simulate_then_render(
             store_url, rir_cache, room_batches, shard_batches, slots, started
         )
-    rendered = [shard for batch in _results(render_futures, "shard batches") for shard in batch]
-    shard_results = [shard for batch in built for shard in batch["shards"]] + rendered
+        rendered = [s for batch in _results(render_futures, "shard batches") for s in batch]
+        rendered += [s for batch in built for s in batch["shards"]]
+        reported = {s["shard_id"] for s in rendered}
+        missed = [s for s in planned["shards"] if s not in reported]
+        if missed:  # no task found every RIR of these banked (see build_rooms_task)
+            logger.warning("rendering %d shards no room batch rendered", len(missed))
+            rendered += render_shards_task(store_url, missed, rir_cache)
+    shard_results = _merged(rendered)
     report = finalize_task(store_url)
     counts = {
         "rirs_simulated": sum(batch["simulated"] for batch in built),
@@ -390,8 +398,8 @@ def _build(
     report["tasks"] = {
         "room_batches": len(room_batches),
         "rooms_in_flow_process": taken,
-        "shards_with_their_rooms": sum(len(shard_ids) for _, shard_ids in room_batches),
-        "shard_batches": len(shard_batches),
+        "shards_with_their_rooms": len(planned["shards"]) - len(apart) - len(missed),
+        "shard_batches": len(shard_batches) + bool(missed),
     }
     logger.info("build counts: %s; task runs: %s", counts, report["tasks"])
     create_markdown_artifact(

@@ -17,12 +17,14 @@ import zarr
 from dereverb_data.build import (
     balanced_batches,
     build_serial,
+    default_rir_cache,
     load_plan,
     prepare_build,
-    render_batches,
     shard_costs,
     shard_rooms,
     shards_by_room,
+    shards_ready,
+    simulate_room_step,
     tapered_batches,
 )
 from dereverb_data.lock import StoreLocked, build_lock
@@ -49,6 +51,8 @@ SMALL = {
     "storage": {"frames_per_chunk": 128, "frames_per_shard": 512},
     "splits": {"train": 0.5, "valid": 0.25, "test": 0.25},
 }
+# Shards long enough that some hold the end of one room's examples and the next room's start.
+SHARED_SHARDS = {**SMALL, "storage": {"frames_per_chunk": 128, "frames_per_shard": 1024}}
 EDITED_PROFILE = "boomy"
 
 
@@ -228,13 +232,32 @@ def test_tapered_batches_cover_every_item_once_and_shrink_towards_the_end(
         assert sum(totals[:slots]) > sum(totals[-slots:])
 
 
-def test_shards_by_room_attaches_single_room_shards_to_their_room() -> None:
+def test_shards_by_room_lists_each_shard_under_the_rooms_it_waits_for() -> None:
     pending = ["r1", "r2", "r3"]
     needed = [["r1"], ["r2"], ["r1", "r2"], ["r0"], ["r0", "r3"], ["r1"], []]
-    own, apart = shards_by_room(pending, needed)
+    needing, apart = shards_by_room(pending, needed)
     # r0 is banked already: a shard of r0 and r3 waits only for r3.
-    assert own == {"r1": [0, 5], "r2": [1], "r3": [4]}
-    assert apart == [2, 3, 6]  # several pending rooms, or none
+    assert needing == {"r1": [0, 2, 5], "r2": [1, 2], "r3": [4]}
+    assert apart == [3, 6]  # they need no room simulated
+
+
+def test_shards_ready_are_those_whose_rirs_are_all_banked(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    plan = prepare_build(parse_manifest(SHARED_SHARDS), url)
+    ids = [shard.shard_id for shard in plan.shards]
+    needed = shard_rooms(plan, ids)
+    bank = default_rir_cache(url)
+    assert shards_ready(url, ids, bank) == []
+    first = needed[0][0]
+    simulate_room_step(url, first, bank)
+    assert shards_ready(url, ids, bank) == [i for i in ids if needed[i] == [first]]
+    shared = [i for i in ids if first in needed[i] and len(needed[i]) > 1]
+    assert shared  # the first room ends in a shard the next room begins
+    for room in {room for i in shared for room in needed[i]} - {first}:
+        simulate_room_step(url, room, bank)
+    ready = shards_ready(url, ids, bank)
+    assert set(shared) <= set(ready)
+    assert ready == sorted(ready)
 
 
 def test_batch_count_balances_big_builds_and_keeps_small_tasks_worth_their_cost() -> None:
@@ -243,39 +266,6 @@ def test_batch_count_balances_big_builds_and_keeps_small_tasks_worth_their_cost(
     assert batch_count(0.1 * MIN_TASK_SECONDS, slots) == slots  # never fewer than the slots
     assert batch_count(5.5 * MIN_TASK_SECONDS, slots) == 6  # about MIN_TASK_SECONDS each
     assert batch_count(0.0, 3) == 3
-
-
-def test_render_batches_wait_only_for_their_own_rooms() -> None:
-    rng = np.random.default_rng(3)
-    rooms = [f"r{i}" for i in range(9)]
-    room_batches = [rooms[0:3], rooms[3:5], rooms[5:8]]  # r8's RIRs are all banked already
-    shards = list(range(100, 140))
-    needed = [sorted({rooms[i % 9], rooms[(i + (i % 5 == 0)) % 9]}) for i in range(len(shards))]
-    costs = list(rng.uniform(0.1, 0.6, len(shards)))
-    batches = render_batches(shards, costs, needed, room_batches, n=8, min_cost=0.0)
-
-    assert sorted(s for batch, _ in batches for s in batch) == shards  # each shard once
-    batch_of_room = {r: i for i, b in enumerate(room_batches) for r in b}
-    for batch, waits in batches:
-        wanted = {batch_of_room[r] for s in batch for r in needed[shards.index(s)] if r != "r8"}
-        assert waits == sorted(wanted)  # exactly the room batches its shards need
-    # Shards that need only banked rooms wait for nothing and come first.
-    assert batches[0][1] == [] and all(needed[shards.index(s)] == ["r8"] for s in batches[0][0])
-    # Then in the order of the room batches they wait for.
-    lasts = [max(waits, default=-1) for _, waits in batches]
-    assert lasts == sorted(lasts)
-    assert len(batches) <= 8 + len(room_batches) + 1
-    assert render_batches(shards, costs, needed, room_batches, 8, 0.0) == batches  # deterministic
-
-
-def test_render_batches_merge_light_groups() -> None:
-    rooms = [f"r{i}" for i in range(6)]
-    room_batches = [[r] for r in rooms]
-    shards = list(range(6))
-    needed = [[r] for r in rooms]  # one shard per room: six groups of 0.2 s each
-    batches = render_batches(shards, [0.2] * 6, needed, room_batches, n=6, min_cost=0.5)
-    assert [batch for batch, _ in batches] == [[0, 1, 2], [3, 4, 5]]
-    assert [waits for _, waits in batches] == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_shard_rooms_and_costs_follow_the_plan(tmp_path: Path) -> None:
@@ -292,3 +282,44 @@ def test_shard_rooms_and_costs_follow_the_plan(tmp_path: Path) -> None:
     # Proportional to each shard's audio.
     ratios = [c / a for c, a in zip(costs, audio, strict=True)]
     assert max(ratios) == pytest.approx(min(ratios))
+
+
+@pytest.mark.parametrize("batches_render", [True, False])
+def test_flow_renders_every_shard_once_whoever_finds_its_rooms_done(
+    batches_render: bool, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A room batch renders the shards whose RIRs it finds all banked; a shard shared with a
+    room of another batch is left to whichever finishes last. Should no batch render a shard
+    (forced here: no batch finds any ready), the flow renders it itself."""
+    from dereverb_data import build as steps
+    from flows.build import run_build
+
+    if not batches_render:
+        monkeypatch.setattr(steps, "shards_ready", lambda *args: [])
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(SHARED_SHARDS))
+    plan = prepare_build(parse_manifest(SHARED_SHARDS), str(tmp_path / "plan.zarr"))
+    ids = [shard.shard_id for shard in plan.shards]
+    assert any(len(rooms) > 1 for rooms in shard_rooms(plan, ids))
+    url = str(tmp_path / "flow.zarr")
+    report = run_build(str(manifest), url, workers=1)
+    n = len(ids)
+    assert report["tasks"]["shards_with_their_rooms"] == (n if batches_render else 0)
+    assert report["counts"]["shards_rendered"] == n and report["counts"]["shards_kept"] == 0
+    reference = str(tmp_path / "serial.zarr")
+    build_serial(parse_manifest(SHARED_SHARDS), reference)
+    got, want = zarr.open_group(url, mode="r"), zarr.open_group(reference, mode="r")
+    assert list(got["shard_checksums"][:]) == list(want["shard_checksums"][:])
+
+
+def test_merged_shard_results_prefer_the_task_that_rendered() -> None:
+    from flows.build import _merged
+
+    results = [
+        {"shard_id": 3, "rendered": False, "examples_rendered": 0, "examples_reused": 2},
+        {"shard_id": 3, "rendered": True, "examples_rendered": 2, "examples_reused": 0},
+        {"shard_id": 4, "rendered": True, "examples_rendered": 1, "examples_reused": 0},
+        {"shard_id": 4, "rendered": False, "examples_rendered": 0, "examples_reused": 1},
+    ]
+    merged = sorted(_merged(results), key=lambda r: r["shard_id"])
+    assert [(r["shard_id"], r["rendered"]) for r in merged] == [(3, True), (4, True)]
