@@ -12,6 +12,7 @@ import io
 import json
 import os
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import fsspec
 import numpy as np
@@ -42,7 +43,7 @@ class RirSpec:
     sample_rate: int
     simulation: Simulation
 
-    @property
+    @cached_property  # a plan asks for it several times per example
     def rir_id(self) -> str:
         return stable_hash(
             [

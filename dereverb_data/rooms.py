@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class RoomSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @property
+    @cached_property  # frozen: computed once per room, not once per example
     def spec_hash(self) -> str:
         # The id and split name are labels, not physics: equal rooms share a hash.
         return stable_hash([self.dims, self.absorption, self.target_rt60, self.rt60_range])

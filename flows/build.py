@@ -214,10 +214,10 @@ def _simulate_while_starting(
     rir_cache: str,
     rooms: list[tuple[str, list[int]]],
 ) -> list[PrefectFuture]:
-    """Build rooms (each with the shards that wait only for it) in this process, one at a
-    time, until the cluster is up (or none is left): the futures of the rooms taken, in order
-    (the last may still be running). Raises if the cluster failed to start, once the room in
-    progress is done.
+    """Build rooms (each with the shards that need it) in this process, one at a time, until
+    the cluster is up (or none is left): the futures of the rooms taken, in order (the last
+    may still be running). Raises if the cluster failed to start, once the room in progress
+    is done.
 
     One room at a time, so this process stops within a room of the cluster being ready and the
     rest is batched for the workers then. Which process builds a room never changes its data
@@ -357,7 +357,7 @@ def _build(
         logger.warning("quarantined: %s", reason)
     cluster_start = _start_local_cluster()
     # Each task run costs orchestration time (state updates, logs, moving between processes),
-    # so rooms are batched with the shards that wait only for them, a few batches per slot.
+    # so rooms are batched with the shards that need them, a few batches per slot.
     slots = parallel_slots()
     units, unit_costs, apart = _room_units(planned)
     with contextlib.ExitStack() as stack:
