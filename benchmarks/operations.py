@@ -29,7 +29,8 @@ flow run, so no run pays for it.
 
 Goals: (a) >= 1.7x, (b) <= 15% overhead, (c) <= 20% of a full build. Each build is repeated
 (``--repeat``, default 3; one repetition varied by up to 30% on a shared 2-core VM) and the
-median reported; the load average is printed before and after.
+median reported, with the ratios within each repetition; the load average is printed before
+and after.
 
     python benchmarks/operations.py [--utterances 30 --rooms 32,4,4 --repeat 3]
 """
@@ -437,6 +438,19 @@ def main() -> None:
             f"    the same on a warm cluster:      {warm_incr.wall / warm_full.wall:6.1%}   "
             f"({warm_incr.wall:.1f} s vs {warm_full.wall:.1f} s; `dereverb serve` or "
             f"--dask-address) [CPU {warm_incr.cpu / warm_full.cpu:.1%}]"
+        )
+
+        # Medians pair builds from different repetitions; on a VM whose speed drifts between
+        # minutes, the ratios within each repetition are the fairer pairing.
+        def per_rep(num: str, den: str, fmt: str) -> str:
+            pairs = zip(runs[num], runs[den], strict=True)
+            return ", ".join(format(a.wall / b.wall, fmt) for a, b in pairs)
+
+        print(
+            f"per repetition: (a) {per_rep('dask1', 'dask2', '.2f')}; "
+            f"(c) {per_rep('incr', 'full', '.1%')}; "
+            f"(c) as commands {per_rep('cli_incr', 'cli_full', '.1%')}; "
+            f"(c) warm {per_rep('warm_incr', 'warm_full', '.1%')}"
         )
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:

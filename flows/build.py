@@ -355,7 +355,8 @@ def _build(
     logger.info("plan: %s", planned["summary"])
     for reason in planned["quarantined"]:
         logger.warning("quarantined: %s", reason)
-    cluster_start = _start_local_cluster()
+    # A rerun with nothing left to do (or a resume whose work is done) starts no cluster.
+    cluster_start = _start_local_cluster() if planned["rooms"] or planned["shards"] else None
     # Each task run costs orchestration time (state updates, logs, moving between processes),
     # so rooms are batched with the shards that need them, a few batches per slot.
     slots = parallel_slots()
@@ -396,6 +397,7 @@ def _build(
     report["counts"] = counts
     # How the work was split into task runs (it varies with the runner; the data does not).
     report["tasks"] = {
+        "local_cluster_started": cluster_start is not None,
         "room_batches": len(room_batches),
         "rooms_in_flow_process": taken,
         "shards_with_their_rooms": len(planned["shards"]) - len(apart) - len(missed),

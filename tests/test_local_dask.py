@@ -101,7 +101,12 @@ def test_flow_process_simulates_rooms_while_a_cold_cluster_starts(
     # The fork server's imports take seconds; the first room never waits for them.
     assert report["tasks"]["rooms_in_flow_process"] >= 1
     assert report["counts"]["rirs_simulated"] == report["summary"]["unique_rirs"]
+    assert report["tasks"]["local_cluster_started"]
     assert _checksums(url) == _checksums(demo_store)  # as built in-process
+    # Run again with nothing left to do: no cluster is started (its start took seconds).
+    rerun = run_build(str(DEMO_MANIFEST), url, workers=2)
+    assert not rerun["tasks"]["local_cluster_started"]
+    assert rerun["counts"]["shards_kept"] == rerun["summary"]["shards"]
 
 
 def test_cluster_that_fails_to_start_fails_the_build_and_keeps_the_rooms_done(
