@@ -49,9 +49,17 @@ SMALL_MANIFEST = {
 }
 
 
-def write_manifest(folder: Path, name: str = "small.yaml") -> str:
+# The same with 12 rooms: while a cold cluster starts (seconds), the flow's own process builds
+# rooms, and it could finish all 4 of the small manifest's before any worker got one.
+MANY_ROOMS_MANIFEST = {
+    **SMALL_MANIFEST,
+    "rooms": {**SMALL_MANIFEST["rooms"], "rooms_per_split": {"train": 8, "valid": 2, "test": 2}},
+}
+
+
+def write_manifest(folder: Path, name: str = "small.yaml", data: dict = SMALL_MANIFEST) -> str:
     path = folder / name
-    path.write_text(yaml.safe_dump(SMALL_MANIFEST, sort_keys=False))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
 
 
@@ -163,6 +171,15 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return manifest, store
 
 
+@pytest.fixture(scope="module")
+def reference_many_rooms(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("resume-reference-many-rooms")
+    manifest = write_manifest(folder, "many-rooms.yaml", MANY_ROOMS_MANIFEST)
+    store = str(folder / "reference.zarr")
+    build_serial(load_manifest(manifest), store)
+    return manifest, store
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["simulating-rirs", "first-shard", "half-the-shards"])
 def test_killed_build_resumes_to_the_same_store(
@@ -225,9 +242,9 @@ def _worker_processes(parent: int) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_killed_dask_worker_does_not_fail_the_build(
-    reference: tuple[str, str], prefect_api: str, tmp_path: Path
+    reference_many_rooms: tuple[str, str], prefect_api: str, tmp_path: Path
 ) -> None:
-    manifest, reference_store = reference
+    manifest, reference_store = reference_many_rooms
     n_shards = len(load_plan(reference_store).shards)
     store = str(tmp_path / "worker-killed.zarr")
     log = tmp_path / "worker-killed.log"
