@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pytest
 
-# Before anything imports Prefect: its own home in a temporary folder, no telemetry.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="dereverb-test-prefect-")
-atexit.register(shutil.rmtree, _PREFECT_HOME, True)
+# Before anything imports Prefect: its own home in a temporary folder, no telemetry. Dask
+# workers that run a test's function import this module too; they inherit the session's home
+# (and exit without atexit handlers, so a folder of their own would be left behind).
+_HOME_PREFIX = "dereverb-test-prefect-"
+if Path(os.environ.get("PREFECT_HOME", "")).name.startswith(_HOME_PREFIX):
+    _PREFECT_HOME = os.environ["PREFECT_HOME"]
+else:
+    _PREFECT_HOME = tempfile.mkdtemp(prefix=_HOME_PREFIX)
+    atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
