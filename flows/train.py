@@ -3,34 +3,68 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.types.entrypoint import EntrypointType
 
+if TYPE_CHECKING:
+    from training.train import TrainConfig
+
 
 class TrainConfigError(ValueError):
     """A training config that cannot be used; the message names the file and field."""
 
 
-def load_train_config(path: str | None, overrides: dict[str, Any] | None = None):
+def load_train_config(path: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A TrainConfig from a YAML file of its fields (unknown fields are an error), plus
-    command-line overrides."""
+    command-line overrides.
+
+    Raises ``TrainConfigError`` naming the file for a missing or unreadable file, a file that
+    is not UTF-8, a YAML syntax error (with its line) and any field of the wrong type or out of
+    range (with the field, see ``TrainConfig``).
+    """
     from training.train import TrainConfig
 
     values: dict[str, Any] = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise TrainConfigError(f"{path}: a training config is a mapping of TrainConfig fields")
-        values.update(loaded)
+        values.update(_read_yaml(path))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
         raise TrainConfigError(f"{path or 'training config'}: {exc}") from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise TrainConfigError(f"{path}: no such training config file") from None
+    except UnicodeDecodeError as exc:
+        raise TrainConfigError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}); save the config as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise TrainConfigError(
+            f"{path}: cannot read the training config ({exc.strerror})"
+        ) from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
+        raise TrainConfigError(f"{path}: {where}YAML syntax error ({problem})") from None
+    except yaml.YAMLError as exc:
+        raise TrainConfigError(f"{path}: YAML error ({' '.join(str(exc).split())})") from None
+    if loaded is None:  # an empty file: all defaults
+        return {}
+    if not isinstance(loaded, dict):
+        raise TrainConfigError(f"{path}: a training config is a mapping of TrainConfig fields")
+    return loaded
 
 
 @flow(name="train-model", log_prints=True)

@@ -38,10 +38,21 @@ import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dereverb_data.stft import StftConfig
+from dereverb_data.store import StoreError
 
 STORE_FORMAT = "dereverb-store"
 STORE_FORMAT_VERSION = 1
 SIGNALS = ("reverberant", "clean")
+# Index columns the training code reads (crops, validation, evaluation).
+INDEX_COLUMNS = ("example_id", "split", "frame_offset", "frame_count", "num_samples")
+
+
+class TrainingStoreError(StoreError, ValueError):
+    """A store that cannot be read for training; the message names it and says why.
+
+    A ``StoreError`` (the CLI's user-error class for stores) and, as before, a ``ValueError``.
+    """
+
 
 # ---------------------------------------------------------------------------------------------
 # The store
@@ -98,7 +109,9 @@ class DereverbStore:
         rows = np.flatnonzero(self.index["split"] == split)
         if rows.size == 0:
             splits = sorted(set(self.index["split"].tolist()))
-            raise ValueError(f"no examples in split {split!r}; the store has {splits}")
+            raise TrainingStoreError(
+                f"{self.url}: no examples in split {split!r}; the store has {splits}"
+            )
         return rows
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -121,23 +134,44 @@ def open_store(
     """
     url = os.fspath(url)
     kwargs = {"storage_options": dict(storage_options)} if storage_options else {}
-    group = zarr.open_group(url, mode="r", **kwargs)
+    try:
+        group = zarr.open_group(url, mode="r", **kwargs)
+    except (OSError, ValueError) as exc:  # zarr's not-found and bad-metadata errors are both
+        if "://" not in url and not os.path.exists(url):
+            raise TrainingStoreError(f"{url}: no such store") from None
+        raise TrainingStoreError(f"{url}: not a zarr store ({_one_line(exc)})") from None
     attrs = dict(group.attrs)
     if attrs.get("format") != STORE_FORMAT or attrs.get("format_version") != STORE_FORMAT_VERSION:
-        raise ValueError(
+        raise TrainingStoreError(
             f"{url} is not a {STORE_FORMAT!r} store of version {STORE_FORMAT_VERSION} "
             f"(format={attrs.get('format')!r}, version={attrs.get('format_version')!r})"
         )
     if attrs.get("complete") is False or "index" not in group:
-        raise ValueError(f"{url} is not finished (no index yet): build it to the end first")
+        raise TrainingStoreError(
+            f"{url}: the store is not finished (complete: false or no index yet); "
+            "build it to the end first"
+        )
+    missing = [key for key in ("sample_rate", "stft") if key not in attrs]
+    missing += [name for name in SIGNALS if name not in group]
+    if missing:
+        raise TrainingStoreError(f"{url}: damaged store (missing {', '.join(missing)})")
     index_group = group["index"]
     index = {name: _column(array) for name, array in index_group.arrays()}
+    missing = [name for name in INDEX_COLUMNS if name not in index]
+    if missing:
+        raise TrainingStoreError(f"{url}: damaged store (index lacks {', '.join(missing)})")
     arrays = {name: group[name] for name in SIGNALS}
     if arrays["reverberant"].shape != arrays["clean"].shape:
-        raise ValueError(
-            f"reverberant {arrays['reverberant'].shape} and clean {arrays['clean'].shape} differ"
+        raise TrainingStoreError(
+            f"{url}: reverberant {arrays['reverberant'].shape} and clean "
+            f"{arrays['clean'].shape} differ"
         )
     return DereverbStore(url=url, attrs=attrs, index=index, arrays=arrays)
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _LazyStore:

@@ -9,7 +9,9 @@ output is mono at the input's sample rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import secrets
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,58 @@ SpecFn = Callable[[np.ndarray], np.ndarray]  # complex (frames, freq) -> complex
 
 class EnhanceError(ValueError):
     """A file that cannot be enhanced; the message names it."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether writing ``a`` would replace ``b``'s data: same resolved path, or same inode."""
+    if a.resolve() == b.resolve():  # symlinks (of the files or of folders above them)
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links: two names, one file
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Every ``(input, output)`` pair of an enhance run, decided before anything is written.
+
+    Each input ``x`` goes to ``out_dir / x.name`` (``.wav``, ``.flac`` or ``.ogg``, the format
+    following the suffix). Policy: the whole run is refused, with ``EnhanceError`` and before
+    any file is written, when
+
+    - an output would be the same file as any input (same resolved path, or the same existing
+      file through a symlink or a hard link): inputs are never overwritten;
+    - two inputs would get the same output name (``a/x.wav b/x.wav``, or one file given
+      twice): the message names both inputs, and nothing is renamed behind the user's back;
+    - an input's suffix is not an output format, ``out_dir`` is an existing file, or an output
+      is an existing folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EnhanceError(f"{out_dir}: the output folder is an existing file")
+    sources = [Path(source) for source in inputs]
+    pairs: list[tuple[Path, Path]] = []
+    claimed: dict[Path, Path] = {}  # resolved output -> the input that claimed it
+    for source in sources:
+        destination = out_dir / source.name
+        _format(destination)
+        if destination.is_dir():
+            raise EnhanceError(f"{destination}: the output for {source} is an existing folder")
+        key = destination.resolve()
+        if key in claimed:
+            raise EnhanceError(
+                f"{claimed[key]} and {source} would both be written to {destination}; "
+                "enhance them into different --out folders"
+            )
+        claimed[key] = source
+        for other in sources:
+            if _same_file(destination, other):
+                raise EnhanceError(
+                    f"{other}: the output {destination} would overwrite this input; "
+                    "choose another --out folder"
+                )
+        pairs.append((source, destination))
+    return pairs
 
 
 def model_spec_fn(model: torch.nn.Module, device: torch.device) -> SpecFn:
@@ -121,10 +175,16 @@ def enhance_file(
     context_s: float = 1.0,
     progress: bool = False,
 ) -> Path:
-    """Enhance ``source`` into ``destination`` (same sample rate as the input, mono)."""
+    """Enhance ``source`` into ``destination`` (same sample rate as the input, mono).
+
+    The audio is written to a temporary file next to ``destination`` and renamed over it only
+    when complete: a failure part way (unreadable block, NaN samples, Ctrl-C) leaves neither a
+    partial file nor a changed ``destination``. Use :func:`plan_outputs` first for several files.
+    """
     source, destination = Path(source), Path(destination)
-    if destination.resolve() == source.resolve():
+    if _same_file(destination, source):
         raise EnhanceError(f"{source}: the output would overwrite the input")
+    out_format = _format(destination)
     try:
         info = sf.info(str(source))
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
@@ -140,31 +200,39 @@ def enhance_file(
     expected = info.frames
     written = 0
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=info.duration, unit="s", desc=source.name, leave=False)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.partial")
-    with sf.SoundFile(str(tmp), "w", out_rate, 1, format=_format(destination)) as out:
-        pieces = enhance_stream(chunks, spec_fn, config, block, int(context_s * sample_rate))
-        for piece in pieces:
+    # A random name per call, so the temporary file is never another file of the user's (nor
+    # another run's); created by libsndfile with the usual permissions, unlike mkstemp's 0600.
+    tmp = destination.with_name(f".{destination.name}.{secrets.token_hex(6)}.partial")
+    try:
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=info.duration, unit="s", desc=source.name, leave=False)
+        with sf.SoundFile(str(tmp), "w", out_rate, 1, format=out_format) as out:
+            pieces = enhance_stream(chunks, spec_fn, config, block, int(context_s * sample_rate))
+            for piece in pieces:
+                if back is not None:
+                    piece = back.resample_chunk(piece.astype(np.float32))
+                piece = piece[: expected - written]
+                out.write(np.clip(piece, -1.0, 1.0))
+                written += piece.size
+                if bar is not None:
+                    bar.update(piece.size / out_rate)
             if back is not None:
-                piece = back.resample_chunk(piece.astype(np.float32))
-            piece = piece[: expected - written]
-            out.write(np.clip(piece, -1.0, 1.0))
-            written += piece.size
-            if bar is not None:
-                bar.update(piece.size / out_rate)
-        if back is not None:
-            tail = back.resample_chunk(np.zeros(0, np.float32), last=True)[: expected - written]
-            out.write(np.clip(tail, -1.0, 1.0))
-            written += tail.size
-        if written < expected:  # resampler rounding: pad the last few samples
-            out.write(np.zeros(expected - written))
-    if bar is not None:
-        bar.close()
-    tmp.replace(destination)
+                tail = back.resample_chunk(np.zeros(0, np.float32), last=True)
+                tail = tail[: expected - written]
+                out.write(np.clip(tail, -1.0, 1.0))
+                written += tail.size
+            if written < expected:  # resampler rounding: pad the last few samples
+                out.write(np.zeros(expected - written))
+        tmp.replace(destination)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     return destination
 
 

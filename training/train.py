@@ -17,7 +17,9 @@ What happens, in order (read :func:`train` top to bottom):
 4. Return the final metrics (also written to ``out_dir/metrics.json``).
 
 Checkpoints hold only tensors and plain Python types (the config as a dict), so
-``torch.load(path, weights_only=True)`` reads them; :func:`load_model` rebuilds the model.
+``torch.load(path, weights_only=True)`` reads them (``training.checkpoint.read_checkpoint``,
+which raises ``CheckpointError`` for anything that is not one); :func:`load_model` rebuilds the
+model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,16 +41,30 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dereverb_data.stft import StftConfig
-from training.data import CropDataset, ValidationDataset, crop_loader, open_store, torch_istft
+from training.checkpoint import not_a_checkpoint, one_line, read_checkpoint
+from training.data import (
+    FEATURE_CHANNELS,
+    CropDataset,
+    ValidationDataset,
+    crop_loader,
+    open_store,
+    torch_istft,
+)
 from training.losses import DereverbLoss, si_sdr
-from training.models import DEFAULT_MODEL, SpectralModel, build_model, count_parameters
+from training.models import DEFAULT_MODEL, MODELS, SpectralModel, build_model, count_parameters
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a checkpoint holds beyond the model, to resume a run from it.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "step", "metrics")
 # Fields that may differ between a checkpoint and the run resuming it: they do not change the
 # weights the run ends with.
 RESUMABLE_CHANGES = frozenset(
     {"num_workers", "device", "log_every", "eval_every", "eval_examples", "progress"}
 )
+
+
+class RunFolderError(ValueError):
+    """A run folder that this run cannot use (a file, or another run's); the message names it."""
 
 
 @dataclass
@@ -86,17 +104,107 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" (or "cuda:1", ...)
     amp: bool = True  # mixed precision, used only on CUDA (bfloat16 where supported)
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A validated config; a wrong field raises ``ValueError`` naming it."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a TrainConfig is a mapping of fields, not a {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+            raise ValueError(f"unknown TrainConfig fields: {sorted(map(str, unknown))}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
+
+
+# Lowest allowed value of numeric fields, and whether the bound itself is allowed. Zero where a
+# field is a divisor or a count of things that must exist; fields not listed take any value.
+_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "compress_exponent": (0, False),
+    "crop_frames": (1, True),
+    "batch_size": (1, True),
+    "num_workers": (0, True),
+    "lr": (0, False),
+    "min_lr": (0, True),
+    "warmup_steps": (0, True),
+    "steps": (1, True),
+    "weight_decay": (0, True),
+    "magnitude_weight": (0, True),
+    "complex_weight": (0, True),
+    "mrstft_weight": (0, True),
+    "eval_every": (1, True),
+    "eval_examples": (0, True),
+    "checkpoint_every": (1, True),
+    "log_every": (1, True),
+    "seed": (0, True),
+}
+
+
+def _checked_value(name: str, kind: Any, value: Any) -> Any:
+    """``value`` if it has the field's type (integral floats become ints), else ValueError."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: must be true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        # bool is an int subclass: `steps: true` would otherwise mean one step.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: must be a whole number, got {value!r}")
+    elif kind is float:
+        if isinstance(value, str):
+            # PyYAML reads `lr: 1e-3` (no dot) as a string (YAML 1.1); accept number strings.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name}: must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name}: must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: must be a string, got {value!r}")
+    elif kind == str | None:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name}: must be a string or null, got {value!r}")
+    elif typing.get_origin(kind) is dict and not isinstance(value, dict):
+        raise ValueError(f"{name}: must be a mapping, got {value!r}")
+    return value
+
+
+def _validate(config: TrainConfig) -> None:
+    """Check (and normalise) every field in place; the error names the first bad field."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(config):
+        value = _checked_value(f.name, hints[f.name], getattr(config, f.name))
+        setattr(config, f.name, value)
+        if f.name in _LOWER_BOUNDS:
+            low, inclusive = _LOWER_BOUNDS[f.name]
+            if value < low or (value == low and not inclusive):
+                relation = ">=" if inclusive else ">"
+                raise ValueError(f"{f.name}: must be {relation} {low:g}, got {value!r}")
+    if config.model not in MODELS:
+        raise ValueError(f"model: unknown model {config.model!r}; choose one of {sorted(MODELS)}")
+    if config.features is not None and config.features not in FEATURE_CHANNELS:
+        raise ValueError(
+            f"features: unknown features {config.features!r}; "
+            f"choose one of {sorted(FEATURE_CHANNELS)} or null"
+        )
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}"
+            ) from None
 
 
 def model_arguments(config: TrainConfig) -> dict[str, Any]:
@@ -126,8 +234,12 @@ def resolve_device(name: str) -> torch.device:
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     """Write to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: no half-written file left next to the run
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
@@ -147,7 +259,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, checkpoint_path: Path) -> None:
     current = config.to_dict()
     changed = sorted(
         key
@@ -156,8 +268,8 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"the checkpoint in this out_dir was made with a different config ({details}); "
+        raise RunFolderError(
+            f"{checkpoint_path}: made with a different config ({details}); "
             "use a new out_dir or the same config"
         )
 
@@ -204,9 +316,69 @@ def train(
     continues from the last periodic checkpoint. Returns the latest metrics: ``step``,
     ``train_loss``, ``lr``, ``valid_loss``, ``valid_si_sdr``, ``valid_si_sdr_unprocessed``,
     ``valid_si_sdr_improvement`` (dB) and ``parameters``.
+
+    A store that cannot be trained on (missing, not a store, unfinished) raises ``StoreError``
+    (``training.data.TrainingStoreError``) before anything is written; an ``out_dir`` that is a
+    file, or holds the checkpoint of a different config, raises ``RunFolderError``; a damaged
+    checkpoint there raises ``CheckpointError`` (and is kept). A run that fails before
+    ``out_dir`` holds a checkpoint leaves nothing behind: the folders this call created are
+    removed, and in a folder that existed only the entries this call added; files that were
+    there before are never touched. Once a checkpoint exists the folder is kept (resumable).
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunFolderError(f"{out_dir}: the run folder is an existing file")
+    store = open_store(data_url)  # before anything is written: a bad store leaves no folder
+    created = _first_missing_ancestor(out_dir)
+    before = set() if created is not None or not out_dir.is_dir() else set(os.listdir(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(config, store, data_url, out_dir, stop_at_step)
+    except BaseException:  # Ctrl-C too: with no checkpoint there is nothing to resume
+        if not (out_dir / CHECKPOINT_NAME).exists():
+            _remove_failed_run(out_dir, created, before)
+        raise
+
+
+def _first_missing_ancestor(path: Path) -> Path | None:
+    """The top-most folder of ``path`` that does not exist yet (``path`` itself or a parent)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_failed_run(out_dir: Path, created: Path | None, before: set[str]) -> None:
+    """Undo what a failed call wrote: only paths that did not exist when it started."""
+    if created is None:
+        for name in set(os.listdir(out_dir)) - before:
+            entry = out_dir / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        return
+    shutil.rmtree(out_dir, ignore_errors=True)
+    # Parents this call created were empty when it started; rmdir refuses any that is not now.
+    for folder in out_dir.parents:
+        if not folder.is_relative_to(created):
+            break
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _run(
+    config: TrainConfig,
+    store: Any,
+    data_url: str | os.PathLike,
+    out_dir: Path,
+    stop_at_step: int | None,
+) -> dict[str, float]:
+    """The body of :func:`train`, in a folder that exists, on a store that is open."""
     device = resolve_device(config.device)
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16
@@ -214,7 +386,6 @@ def train(
         amp_dtype = torch.float16
 
     # --- model, optimizer, schedule, loss -----------------------------------------------------
-    store = open_store(data_url)
     stft = store.stft_config
     torch.manual_seed(config.seed)
     model = build_model(config.model, store.n_freq, **model_arguments(config)).to(device)
@@ -236,13 +407,19 @@ def train(
     metrics: dict[str, float] = {"parameters": count_parameters(model)}
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        _check_resumable(checkpoint["config"], config)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        _set_rng_state(checkpoint["rng"])
+        checkpoint = read_checkpoint(checkpoint_path)
+        missing = [k for k in TRAINING_STATE if k not in checkpoint]
+        if missing:
+            raise not_a_checkpoint(checkpoint_path, f"cannot resume: missing {', '.join(missing)}")
+        _check_resumable(checkpoint["config"], config, checkpoint_path)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            _set_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise not_a_checkpoint(checkpoint_path, f"cannot resume: {one_line(exc)}") from None
         step = checkpoint["step"]
         metrics.update(checkpoint["metrics"])
         del checkpoint
@@ -287,53 +464,55 @@ def train(
     running_loss: list[torch.Tensor] = []
     first_step, started = step, time.perf_counter()
     model.train()
-    for batch in loader:
-        reverberant = batch["reverberant"].to(device, non_blocking=True)
-        clean = batch["clean"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
+    # Closed on failure too, so a failed run's event file is complete before any cleanup.
+    try:
+        for batch in loader:
+            reverberant = batch["reverberant"].to(device, non_blocking=True)
+            clean = batch["clean"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
 
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            estimate = model(reverberant)
-        loss, parts = criterion(estimate, clean, mask)  # float32, outside autocast
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                estimate = model(reverberant)
+            loss, parts = criterion(estimate, clean, mask)  # float32, outside autocast
 
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if config.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        else:
-            grad_norm = torch.zeros(())
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        running_loss.append(loss.detach())
-        progress.update()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if config.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            else:
+                grad_norm = torch.zeros(())
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            running_loss.append(loss.detach())
+            progress.update()
 
-        if step % config.log_every == 0 or step == stop:
-            metrics["train_loss"] = torch.stack(running_loss).mean().item()
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            running_loss.clear()
-            writer.add_scalar("train/loss", metrics["train_loss"], step)
-            for name, value in parts.items():
-                writer.add_scalar(f"train/{name}", value.item(), step)
-            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
-            writer.add_scalar("train/lr", metrics["lr"], step)
-            speed = (step - first_step) / (time.perf_counter() - started)
-            writer.add_scalar("train/steps_per_s", speed, step)
-            progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+            if step % config.log_every == 0 or step == stop:
+                metrics["train_loss"] = torch.stack(running_loss).mean().item()
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                running_loss.clear()
+                writer.add_scalar("train/loss", metrics["train_loss"], step)
+                for name, value in parts.items():
+                    writer.add_scalar(f"train/{name}", value.item(), step)
+                writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+                writer.add_scalar("train/lr", metrics["lr"], step)
+                speed = (step - first_step) / (time.perf_counter() - started)
+                writer.add_scalar("train/steps_per_s", speed, step)
+                progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
 
-        if valid_examples and (step % config.eval_every == 0 or step == config.steps):
-            metrics.update(evaluate(model, valid_examples, criterion, stft, device))
-            for name in ("valid_loss", "valid_si_sdr", "valid_si_sdr_improvement"):
-                writer.add_scalar(f"valid/{name.removeprefix('valid_')}", metrics[name], step)
+            if valid_examples and (step % config.eval_every == 0 or step == config.steps):
+                metrics.update(evaluate(model, valid_examples, criterion, stft, device))
+                for name in ("valid_loss", "valid_si_sdr", "valid_si_sdr_improvement"):
+                    writer.add_scalar(f"valid/{name.removeprefix('valid_')}", metrics[name], step)
 
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            metrics["step"] = step
-            save_checkpoint(checkpoint_path, make_checkpoint())
-
-    progress.close()
-    writer.close()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                metrics["step"] = step
+                save_checkpoint(checkpoint_path, make_checkpoint())
+    finally:
+        progress.close()
+        writer.close()
     metrics["step"] = step
     if step == config.steps:
         _write_json(out_dir / "metrics.json", metrics)
@@ -348,12 +527,35 @@ def load_model(
     ``model.enhance_spec(reverberant)`` then dereverberates complex ``(B, T, F)`` STFTs made with
     ``checkpoint["stft"]`` (the training store's STFT settings).
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    config = TrainConfig.from_dict(checkpoint["config"])
-    model = build_model(
-        checkpoint["model_name"], checkpoint["n_freq"], **checkpoint["model_kwargs"]
-    )
-    model.load_state_dict(checkpoint["model"])
+    return model_from_checkpoint(read_checkpoint(checkpoint_path), checkpoint_path, device)
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any],
+    checkpoint_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+) -> tuple[SpectralModel, TrainConfig]:
+    """:func:`load_model` for a checkpoint already read by ``read_checkpoint`` (one read).
+
+    Raises ``CheckpointError`` naming ``checkpoint_path`` when its config, model name or
+    weights do not make a model.
+    """
+    try:
+        config = TrainConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as exc:
+        raise not_a_checkpoint(checkpoint_path, f"bad config: {one_line(exc)}") from None
+    try:
+        model = build_model(
+            checkpoint["model_name"], int(checkpoint["n_freq"]), **checkpoint["model_kwargs"]
+        )
+    except (TypeError, ValueError) as exc:
+        raise not_a_checkpoint(checkpoint_path, one_line(exc)) from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        name = checkpoint["model_name"]
+        reason = f"weights do not fit model {name!r}: {one_line(exc, 120)}"
+        raise not_a_checkpoint(checkpoint_path, reason) from None
     model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, config
