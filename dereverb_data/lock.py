@@ -6,11 +6,17 @@ whose holder is dead (same host, no such process, or a different process reusing
 stale and is taken over; the exclusive create means two builds racing for a stale lock cannot
 both win. A lock held from another host cannot be checked from here, so it is refused, and the
 message says how to break it.
+
+On local disk the lock is written to a temporary file and hard-linked into place, so it is
+never seen empty or half-written. A lock file that does not parse (left by a crash on an object
+store, or damaged) names no holder: once it is old enough not to be a write in progress, it is
+refused with a message pointing at ``--break-lock``, and taken over with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -56,9 +62,38 @@ def _describe(holder: dict) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
 
 
-def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, text: str) -> bool:
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+LOCK_FILE = "lock.json"
+# A lock file this young that does not parse may be a write in progress (object stores create
+# it with a plain write); older than this, it is a leftover and is reported or, with
+# --break-lock, taken over.
+UNREADABLE_GRACE_S = 5.0
+POLL_S = 0.2
+
+
+def _create_local(path: str, text: str) -> bool:
+    """Create the lock file on local disk, atomically: False if it exists.
+
+    The content goes into a temporary file first, which is then hard-linked to the lock path
+    (link fails if the path exists), so a crash can leave a stray temporary file but never an
+    empty or half-written lock.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "x") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+        # No hard links here (some network and FUSE filesystems): exclusive create, which
+        # only a crash within the few microseconds of its write can leave unreadable.
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -66,6 +101,19 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, text: str) -> bo
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, text: str) -> bool:
+    if _is_local(fs):
+        return _create_local(path, text)
     # Object stores have no exclusive create; check-then-write narrows, not closes, the race.
     if fs.exists(path):
         return False
@@ -74,39 +122,98 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, text: str) -> bo
     return True
 
 
+def _read_lock(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, dict | None] | None:
+    """The lock file's bytes and its holder (None when it does not parse as one), or None when
+    there is no lock file."""
+    try:
+        with fs.open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(raw)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return raw, None
+    if not isinstance(holder, dict) or not all(k in holder for k in ("host", "pid", "token")):
+        return raw, None
+    return raw, holder
+
+
+def _age_s(fs: fsspec.AbstractFileSystem, path: str) -> float | None:
+    """Seconds since the file was last written; None when the filesystem cannot say."""
+    try:
+        if _is_local(fs):
+            return time.time() - os.stat(path).st_mtime
+        return (datetime.now(UTC) - fs.modified(path)).total_seconds()
+    except FileNotFoundError:
+        return 0.0  # removed meanwhile: look again
+    except (NotImplementedError, TypeError, OSError):
+        return None
+
+
+def _describe_unreadable(raw: bytes) -> str:
+    if not raw.strip():
+        return "empty"
+    return f"not a lock record: {raw[:40]!r}"
+
+
 @contextlib.contextmanager
 def build_lock(store_url: str, break_lock: bool = False) -> Iterator[dict]:
-    """Hold the store's build lock for the duration of the block."""
+    """Hold the store's build lock for the duration of the block.
+
+    Raises :class:`StoreLocked` when a live build holds it, when it is held from another host
+    (unless ``break_lock``), or when the lock file is unreadable (unless ``break_lock``).
+    """
     fs, root = fsspec.core.url_to_fs(store_url.rstrip("/"))
-    path = f"{root}/{BUILD_DIR}/lock.json"
+    path = f"{root}/{BUILD_DIR}/{LOCK_FILE}"
     me = _me()
-    for _ in range(3):
+    takeovers = 0
+    seen: tuple[bytes, float] | None = None  # an unreadable lock's bytes, first seen when
+    give_up = time.monotonic() + UNREADABLE_GRACE_S + 10.0
+    while True:
         if _create_exclusive(fs, path, json.dumps(me)):
             break
-        try:
-            with fs.open(path, "r") as handle:
-                holder = json.load(handle)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.2)  # being written or removed right now: look again
-            continue
-        alive = holder_alive(holder)
-        if alive is True or (alive is None and not break_lock):
-            hint = "" if alive else " (on another host: rerun with --break-lock if it is dead)"
-            raise StoreLocked(
-                f"{store_url}: another build holds this store ({_describe(holder)}){hint}"
-            )
-        # Stale: remove it only if it is still the same stale lock, then race fairly for it.
-        with contextlib.suppress(FileNotFoundError), fs.open(path, "r") as handle:
-            if json.load(handle).get("token") == holder.get("token"):
+        if time.monotonic() > give_up:  # the lock keeps changing under us
+            raise StoreLocked(f"{store_url}: could not take the build lock; try again")
+        found = _read_lock(fs, path)
+        if found is None:
+            continue  # released between our create and our read: try again at once
+        raw, holder = found
+        if holder is None:
+            age = _age_s(fs, path)
+            if age is None:  # no mtime: watch the same bytes for the grace period instead
+                if seen is None or seen[0] != raw:
+                    seen = (raw, time.monotonic())
+                age = time.monotonic() - seen[1]
+            if age < UNREADABLE_GRACE_S:
+                time.sleep(POLL_S)  # maybe being written right now: look again
+                continue
+            if not break_lock:
+                raise StoreLocked(
+                    f"{store_url}: the build lock {path} is unreadable "
+                    f"({_describe_unreadable(raw)}), so its holder is unknown; if no build is "
+                    "running on this store, rerun with --break-lock"
+                )
+        else:
+            alive = holder_alive(holder)
+            if alive is True or (alive is None and not break_lock):
+                hint = "" if alive else " (on another host: rerun with --break-lock if it is dead)"
+                raise StoreLocked(
+                    f"{store_url}: another build holds this store ({_describe(holder)}){hint}"
+                )
+        # Stale, or unreadable and broken on request: remove it only if it is still the same
+        # file, then race fairly for it through the exclusive create.
+        takeovers += 1
+        if takeovers > 3:
+            raise StoreLocked(f"{store_url}: could not take the build lock; try again")
+        again = _read_lock(fs, path)
+        if again is not None and again[0] == raw:
+            with contextlib.suppress(FileNotFoundError):
                 fs.rm(path)
-    else:
-        raise StoreLocked(f"{store_url}: could not take the build lock; try again")
     try:
         yield me
     finally:
-        with (
-            contextlib.suppress(FileNotFoundError, json.JSONDecodeError),
-            fs.open(path, "r") as handle,
-        ):
-            if json.load(handle).get("token") == me["token"]:
+        mine = _read_lock(fs, path)
+        if mine is not None and mine[1] is not None and mine[1].get("token") == me["token"]:
+            with contextlib.suppress(FileNotFoundError):
                 fs.rm(path)

@@ -15,8 +15,11 @@ its checksum written under ``_build/shards/``. A crashed build redoes shards wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,6 +36,7 @@ FORMAT = "dereverb-store"
 FORMAT_VERSION = 1
 SIGNALS = ("reverberant", "clean")
 BUILD_DIR = "_build"
+DAMAGED_HINT = "the store's metadata is damaged: build into a new store path"
 
 # Zarr warns that variable-length strings are not yet in the v3 spec; the index uses them on
 # purpose (plain zarr-python reads them) and says so in the README.
@@ -42,6 +46,78 @@ warnings.filterwarnings("ignore", category=UserWarning, module="zarr.core.dtype"
 
 class StoreError(RuntimeError):
     """The store cannot be used for this build; the message says why and what to do."""
+
+
+def describe_exception(exc: BaseException, limit: int = 160) -> str:
+    """``Type: message`` on one line, shortened: zarr and json errors can span lines, and the
+    CLI prints a user error as a single ``error:`` line."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def open_store_group(url: str, mode: str = "r") -> zarr.Group:
+    """The store's root group, or a :class:`StoreError` naming what is wrong with its metadata.
+
+    zarr reports a missing or damaged ``zarr.json`` as whatever its parser hit (JSONDecodeError,
+    GroupNotFoundError, KeyError, ContainsArrayError, ...), so any failure to open is turned
+    into one message; whether the file exists tells "missing" from "damaged".
+    """
+    url = url.rstrip("/")
+    try:
+        return zarr.open_group(url, mode=mode)
+    except Exception as exc:
+        fs, root = fsspec.core.url_to_fs(url)
+        if not fs.exists(f"{root}/zarr.json"):
+            raise StoreError(
+                f"{url}: no zarr.json at the store root: not a dereverb store, or its root "
+                "metadata was deleted"
+            ) from exc
+        raise StoreError(
+            f"{url}: the store's root zarr.json is unreadable ({describe_exception(exc)}); "
+            "its metadata is damaged: build into a new store path"
+        ) from exc
+
+
+def open_store_node(
+    url: str, group: zarr.Group, name: str, hint: str = ""
+) -> zarr.Array | zarr.Group:
+    """``group[name]`` (a path such as ``index/shard``), or a :class:`StoreError` saying
+    whether its ``zarr.json`` is missing or unreadable; ``hint`` says what to do about it."""
+    url = url.rstrip("/")
+    try:
+        return group[name]
+    except Exception as exc:
+        fs, root = fsspec.core.url_to_fs(url)
+        meta = f"{group.path}/{name}".strip("/") + "/zarr.json"
+        if not fs.exists(f"{root}/{meta}"):
+            problem = f"{name} is missing (no {meta})"
+        else:
+            problem = f"{meta} is unreadable ({describe_exception(exc)})"
+        raise StoreError(f"{url}: {problem}{'; ' + hint if hint else ''}") from exc
+
+
+def open_store_array(url: str, group: zarr.Group, name: str, hint: str = "") -> zarr.Array:
+    node = open_store_node(url, group, name, hint)
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{url.rstrip('/')}: {name} is a group where an array belongs")
+    return node
+
+
+def shard_keys(array: zarr.Array, shard_row: int) -> list[str]:
+    """The storage keys (relative to the array) of the objects holding shard row ``shard_row``.
+
+    With ``shards=`` set, zarr stores one object per shard, named by the array's chunk key
+    encoding applied to the shard's grid coordinates: ``c/<k>/0`` for ``(frames, freq)``,
+    ``c/<k>/0/0`` for float16's ``(frames, freq, 2)``. Trailing dimensions are spanned by
+    one shard in this layout, but every grid cell of the row is listed in case they are not.
+    """
+    outer = array.shards or array.chunks
+    rest = [range(math.ceil(n / c)) for n, c in zip(array.shape[1:], outer[1:], strict=True)]
+    return [
+        array.metadata.encode_chunk_key((shard_row, *cell)) for cell in itertools.product(*rest)
+    ]
 
 
 def package_versions() -> dict[str, str]:
@@ -120,7 +196,7 @@ class DatasetStore:
             "frames_per_shard": storage.frames_per_shard,
         }
         if self.exists():
-            group = zarr.open_group(self.url, mode="r+")
+            group = open_store_group(self.url, mode="r+")
             found = {key: group.attrs.get(key) for key in layout}
             if found != layout:
                 changed = sorted(k for k in layout if found[k] != layout[k])
@@ -129,9 +205,18 @@ class DatasetStore:
                     "build into a new store path, or delete this one yourself"
                 )
             for name in SIGNALS:
-                if group[name].shape != shape:
-                    group[name].resize(shape)
+                array = open_store_array(self.url, group, name, DAMAGED_HINT)
+                if array.shape != shape:
+                    array.resize(shape)
         else:
+            # Arrays without a root zarr.json: the root metadata was lost, and creating the
+            # arrays anew would fail on (or overwrite) the data already there.
+            for name in SIGNALS:
+                if self.fs.exists(f"{self.root}/{name}/zarr.json"):
+                    raise StoreError(
+                        f"{self.url}: no zarr.json at the store root, but {name}/ holds an "
+                        f"array: the root metadata was deleted; {DAMAGED_HINT}"
+                    )
             # Not "w-": the folder already holds the build lock (and maybe a RIR bank).
             group = zarr.open_group(self.url, mode="a")
             compressors = ZstdCodec(level=1) if storage.compressor == "zstd" else None
@@ -180,7 +265,10 @@ class DatasetStore:
         path = self._marker_path(shard_id)
         if not self.fs.exists(f"{self.root}/{path}"):
             return None
-        return ShardMarker(**json.loads(self.read_text(path)))
+        try:
+            return ShardMarker(**json.loads(self.read_text(path)))
+        except (ValueError, TypeError):
+            return None  # an unreadable marker vouches for nothing: the shard is redone
 
     def remove_marker(self, shard_id: int) -> None:
         path = f"{self.root}/{self._marker_path(shard_id)}"
@@ -211,11 +299,33 @@ class DatasetStore:
         labels: list[dict],
     ) -> ShardMarker:
         """Write one whole shard of both signals, then its labels, then (only then) its
-        done-marker: a crash at any point leaves no marker that vouches for other data."""
-        group = zarr.open_group(self.url, mode="r+")
+        done-marker: a crash at any point leaves no marker that vouches for other data.
+
+        The shard's old objects are deleted before the write. zarr writes into a shard by
+        reading the old one first (even when every chunk is replaced), so a damaged old shard
+        (truncated, flipped index byte) would make the write itself fail and leave the shard
+        unrepairable. Its marker goes first, so no moment exists where a marker vouches for
+        a deleted or half-written shard.
+        """
+        group = open_store_group(self.url, mode="r+")
+        arrays = [open_store_array(self.url, group, name, DAMAGED_HINT) for name in SIGNALS]
+        shard_frames = (arrays[0].shards or arrays[0].chunks)[0]
         stop = frame_start + reverberant.shape[0]
-        group["reverberant"][frame_start:stop] = reverberant
-        group["clean"][frame_start:stop] = clean
+        # Deleting the old shard is only safe when the new data replaces all of it.
+        expected_stop = min(frame_start + shard_frames, arrays[0].shape[0])
+        if frame_start % shard_frames or stop != expected_stop or clean.shape != reverberant.shape:
+            raise ValueError(
+                f"write_shard writes whole shards: frames {frame_start}:{stop} with clean "
+                f"{clean.shape} is not shard {frame_start // shard_frames} "
+                f"(frames {frame_start}:{expected_stop})"
+            )
+        self.remove_marker(shard_id)
+        for array in arrays:
+            for key in shard_keys(array, frame_start // shard_frames):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(f"{self.root}/{array.path}/{key}")
+        arrays[0][frame_start:stop] = reverberant
+        arrays[1][frame_start:stop] = clean
         self.write_labels(shard_id, labels)
         marker = ShardMarker(shard_id, fingerprint, shard_checksum(reverberant, clean))
         self._write_text(self._marker_path(shard_id), json.dumps(marker.__dict__))
@@ -229,9 +339,13 @@ class DatasetStore:
     def write_index(
         self, columns: dict[str, np.ndarray], checksums: list[str], attrs: dict
     ) -> None:
-        group = zarr.open_group(self.url, mode="r+")
-        if "index" in group:
-            del group["index"]
+        group = open_store_group(self.url, mode="r+")
+        # Both are written anew, so they are removed as files: asking zarr ("index" in group,
+        # del group[...]) parses their metadata first and fails on the damaged metadata that a
+        # rebuild is meant to replace.
+        for name in ("index", "shard_checksums"):
+            if self.fs.exists(f"{self.root}/{name}"):
+                self.fs.rm(f"{self.root}/{name}", recursive=True)
         index = group.create_group("index")
         for name, values in columns.items():
             values = np.asarray(values)
@@ -240,8 +354,6 @@ class DatasetStore:
                 name, shape=values.shape, dtype=dtype, chunks=values.shape or (1,)
             )
             array[:] = values
-        if "shard_checksums" in group:
-            del group["shard_checksums"]
         sums = group.create_array("shard_checksums", shape=(len(checksums),), dtype="str")
         sums[:] = np.asarray(checksums)
         group.attrs.update({**attrs, "complete": True})

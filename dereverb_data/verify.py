@@ -1,4 +1,10 @@
-"""Verify a finished store: recompute every shard's checksum and check the index invariants."""
+"""Verify a finished store: recompute every shard's checksum and check the index invariants.
+
+Damage to a shard (its data) is reported per shard, so ``build --repair`` can render exactly
+those shards again. Damage to what the check itself stands on (the root metadata, the arrays'
+metadata, ``shard_checksums``, the index) leaves nothing to compare against: that raises a
+:class:`StoreError` with one line naming the store and the file.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from .store import DatasetStore, shard_checksum
+from .build import INDEX_FLOAT_COLUMNS, INDEX_INT_COLUMNS, INDEX_STRING_COLUMNS
+from .store import (
+    DAMAGED_HINT,
+    SIGNALS,
+    DatasetStore,
+    StoreError,
+    describe_exception,
+    open_store_array,
+    open_store_group,
+    open_store_node,
+    shard_checksum,
+    shard_keys,
+)
+
+INDEX_COLUMNS = (*INDEX_STRING_COLUMNS, *INDEX_INT_COLUMNS, *INDEX_FLOAT_COLUMNS, "gain_limited")
+REQUIRED_ATTRS = ("frames_per_shard", "n_examples", "stft")
+# Finalizing writes the index and the checksums again from the done-markers and labels, so a
+# plain build (which finds every shard done) restores them; --repair needs them to start.
+REWRITE_HINT = "`dereverb build MANIFEST --store STORE` (without --repair) writes it again"
 
 
 @dataclass
@@ -26,41 +50,107 @@ class VerifyReport:
         return out + self.problems
 
 
+def _read(url: str, array: zarr.Array, name: str, hint: str) -> np.ndarray:
+    try:
+        return array[:]
+    except Exception as exc:  # any codec failure: the data cannot be used, whatever raised
+        raise StoreError(
+            f"{url}: {name} is unreadable ({describe_exception(exc)}); {hint}"
+        ) from exc
+
+
+def read_index(url: str, group: zarr.Group) -> dict[str, np.ndarray]:
+    """Every index column, or a :class:`StoreError` naming the first missing or unreadable one."""
+    open_store_node(url, group, "index", REWRITE_HINT)
+    columns = {}
+    for name in INDEX_COLUMNS:
+        path = f"index/{name}"
+        columns[name] = _read(
+            url, open_store_array(url, group, path, REWRITE_HINT), path, REWRITE_HINT
+        )
+    return columns
+
+
 def verify_store(url: str) -> VerifyReport:
+    """Check every shard against its checksum and the index against its invariants.
+
+    Raises :class:`StoreError` when the store's metadata, checksums or index are missing or
+    unreadable.
+    """
+    url = url.rstrip("/")
     report = VerifyReport(url)
-    group = zarr.open_group(url, mode="r")
+    group = open_store_group(url, mode="r")
     attrs = dict(group.attrs)
     if not attrs.get("complete"):
         report.problems.append("store is not marked complete: the build has not finished")
         return report
+    lacking = [key for key in REQUIRED_ATTRS if key not in attrs]
+    if lacking:
+        raise StoreError(
+            f"{url}: the root zarr.json lacks the attributes {', '.join(lacking)}; {DAMAGED_HINT}"
+        )
+    arrays = {name: open_store_array(url, group, name, DAMAGED_HINT) for name in SIGNALS}
+    sums_array = open_store_array(url, group, "shard_checksums", REWRITE_HINT)
+    sums = _read(url, sums_array, "shard_checksums", REWRITE_HINT)
+    index = read_index(url, group)
     frames = int(attrs["frames_per_shard"])
-    sums = group["shard_checksums"][:]
     store = DatasetStore(url)
     for shard_id, expected in enumerate(sums):
         report.shards_checked += 1
         start = shard_id * frames
         try:
-            reverberant = group["reverberant"][start : start + frames]
-            clean = group["clean"][start : start + frames]
+            reverberant = arrays["reverberant"][start : start + frames]
+            clean = arrays["clean"][start : start + frames]
         except Exception as exc:  # any decode failure is damage, whatever the codec raised
-            report.damaged[shard_id] = f"unreadable ({type(exc).__name__}: {exc})"
+            report.damaged[shard_id] = f"unreadable ({describe_exception(exc)})"
             continue
         actual = shard_checksum(reverberant, clean)
         if actual != expected:
-            report.damaged[shard_id] = (
-                f"checksum mismatch (stored {expected[:12]}, data {actual[:12]})"
-            )
+            report.damaged[shard_id] = _mismatch_reason(store, arrays, start, expected, actual)
             continue
         marker = store.marker(shard_id)
         if marker is None or marker.checksum != expected:
             report.damaged[shard_id] = "done-marker missing or disagrees with the index checksum"
-    report.problems.extend(index_problems(group, attrs))
+    if "n_shards" in attrs and len(sums) != int(attrs["n_shards"]):
+        report.problems.append(
+            f"shard_checksums has {len(sums)} entries, attributes say {attrs['n_shards']} shards"
+        )
+    report.problems.extend(index_problems(index, attrs, arrays["clean"].shape[0]))
     return report
 
 
+def _mismatch_reason(
+    store: DatasetStore, arrays: dict[str, zarr.Array], start: int, expected: str, actual: str
+) -> str:
+    """Why a shard's data disagrees with its checksum.
+
+    zarr reads an absent shard object, and an empty one, as all fill value (zeros), so both
+    look like a checksum mismatch; the files themselves tell them apart. Looked at only for
+    mismatching shards, so a healthy store costs no extra listing.
+    """
+    absent, empty = [], []
+    for array in arrays.values():
+        for key in shard_keys(array, start // (array.shards or array.chunks)[0]):
+            relative = f"{array.path}/{key}"
+            path = f"{store.root}/{relative}"
+            if not store.fs.exists(path):
+                absent.append(relative)
+            elif store.fs.size(path) == 0:
+                empty.append(relative)
+    if absent:
+        return f"missing (no {', '.join(absent)})"
+    if empty:
+        return f"unreadable (empty file {', '.join(empty)})"
+    return f"checksum mismatch (stored {expected[:12]}, data {actual[:12]})"
+
+
 def forget_damaged_shards(url: str) -> list[int]:
-    """Remove the done-markers of damaged shards so the next build renders them again."""
-    group = zarr.open_group(url, mode="r")
+    """Remove the done-markers of damaged shards so the next build renders them again.
+
+    Raises :class:`StoreError` when the store's metadata, checksums or index are missing or
+    unreadable (as :func:`verify_store`).
+    """
+    group = open_store_group(url, mode="r")
     if not group.attrs.get("complete"):
         return []  # an unfinished build resumes anyway
     damaged = sorted(verify_store(url).damaged)
@@ -70,10 +160,10 @@ def forget_damaged_shards(url: str) -> list[int]:
     return damaged
 
 
-def index_problems(group: zarr.Group, attrs: dict) -> list[str]:
-    index = {name: group["index"][name][:] for name in group["index"].array_keys()}
+def index_problems(index: dict[str, np.ndarray], attrs: dict, n_frames: int) -> list[str]:
+    """Broken invariants of the index columns (``n_frames``: the arrays' length)."""
     problems = []
-    sizes = {name: values.shape[0] for name, values in index.items()}
+    sizes = {name: values.shape[0] if values.ndim else 0 for name, values in index.items()}
     if len(set(sizes.values())) != 1:
         problems.append(f"index columns differ in length: {sizes}")
         return problems
@@ -94,6 +184,6 @@ def index_problems(group: zarr.Group, attrs: dict) -> list[str]:
     order = np.argsort(start)
     if np.any(start[order][1:] < (start + count)[order][:-1]):
         problems.append("examples overlap")
-    if np.any(start + count > group["clean"].shape[0]):
+    if np.any(start + count > n_frames):
         problems.append("an example lies beyond the end of the arrays")
     return problems
