@@ -4,14 +4,22 @@ Flows with worker processes must talk to one API: without ``PREFECT_API_URL`` ea
 starts its own temporary server, which is slow and fails with SQLite "database is locked".
 ``prefect_server()`` uses ``PREFECT_API_URL`` when it is set, and otherwise starts
 ``prefect server start --host 127.0.0.1`` on a free port, waits until healthy, and stops it.
+
+Nothing outlives a run, even a SIGKILLed one: the server is started by a watchdog process
+(``flows.server_watchdog``) that ends it, and removes its temporary home, when the process
+that started it dies. Each home ``dereverb-prefect-*`` holds an owner record (``owner.json``:
+pid and create time); every ``prefect_server()`` start removes the homes, and ends the
+processes, of owners that are gone, in case a watchdog was killed too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -19,6 +27,23 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
+
+from .server_watchdog import (
+    GRACE_S,
+    SERVER_FILE,
+    end_process_group,
+    is_running,
+    process_tree,
+    write_json,
+)
+
+HOME_PREFIX = "dereverb-prefect-"
+OWNER_FILE = "owner.json"
+# psutil derives create times from boot time and clock ticks: equal for one process, and a
+# pid is not reused within this time.
+_CREATE_TIME_TOLERANCE_S = 0.5
 
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -55,38 +80,171 @@ def wait_healthy(
     raise RuntimeError(f"the Prefect server at {api_url} did not become healthy in {timeout_s} s")
 
 
-def start_server(home: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME; return its URL."""
+def _log_tail(home: Path, chars: int = 2000) -> str:
+    try:
+        return (home / "server.log").read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def start_server(
+    home: Path, port: int | None = None, *, owns_home: bool = False
+) -> tuple[subprocess.Popen, str]:
+    """Start ``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME; return its URL.
+
+    The process returned is the server's watchdog: pass it to ``stop_server``. If this
+    process dies first, the watchdog ends the server, and removes ``home`` if ``owns_home``.
+    """
     port = port or _free_port()
     home.mkdir(parents=True, exist_ok=True)
+    me = psutil.Process()
+    # First, so that a home is never without an owner for a later start's cleanup to judge.
+    write_json(home / OWNER_FILE, {"pid": me.pid, "create_time": me.create_time(), "port": port})
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
-    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
-    log = (home / "server.log").open("ab")
-    process = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [sys.executable, "-m", "flows.server_watchdog"]
+    command += ["--parent", str(me.pid), "--home", str(home), "--port", str(port)]
+    if owns_home:
+        command.append("--remove-home")
+    with (home / "server.log").open("ab") as log:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Its own session: a signal for this process's group (Ctrl-C, or a SIGKILL of the
+            # whole group) does not take the watchdog with it, which then cleans up.
+            start_new_session=True,
+        )
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(api_url, process=process)
-    except Exception:
+    except Exception as exc:
         stop_server(process)
-        raise
+        raise RuntimeError(f"{exc}; its log ends:\n{_log_tail(home)}") from exc
     return process, api_url
 
 
-def stop_server(process: subprocess.Popen) -> None:
+def stop_server(process: subprocess.Popen, timeout_s: float = GRACE_S + 10) -> None:
+    """Stop a server from ``start_server`` and every process it started."""
+    # Taken first: if the watchdog fails, its server is found through it no longer.
+    tree = process_tree(process.pid)[1:]
     if process.poll() is None:
-        process.terminate()
+        process.terminate()  # the watchdog's normal stop
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    left = [p for p in tree if is_running(p)]
+    if left:
+        end_process_group(left, grace_s=5.0)
+
+
+def _read_owner(folder: Path) -> dict | None:
+    """The owner record, or None where there is none (yet) or it cannot be read."""
+    try:
+        record = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    pid, created = record.get("pid"), record.get("create_time")
+    if not isinstance(pid, int) or not isinstance(created, int | float):
+        return None
+    return record
+
+
+def _same_process(pid: int, create_time: float) -> psutil.Process | None:
+    """The live process ``pid`` if it is the one recorded (not a later one given its pid)."""
+    try:
+        process = psutil.Process(pid)
+        alive = process.status() != psutil.STATUS_ZOMBIE
+        same = abs(process.create_time() - create_time) < _CREATE_TIME_TOLERANCE_S
+    except psutil.Error:
+        return None
+    return process if alive and same else None
+
+
+def _owner_alive(owner: dict) -> bool:
+    try:
+        psutil.Process(owner["pid"]).create_time()
+    except psutil.AccessDenied:
+        return True  # cannot tell: count it as alive, so its home stays
+    except psutil.Error:
+        return False
+    return _same_process(owner["pid"], owner["create_time"]) is not None
+
+
+def _processes_by_home(root: Path) -> dict[str, list[psutil.Process]]:
+    """Live processes whose PREFECT_HOME is a ``dereverb-prefect-*`` folder under ``root``:
+    the server's whole tree has it, whatever was (or was not) recorded."""
+    prefix = str(root / HOME_PREFIX)
+    found: dict[str, list[psutil.Process]] = {}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            home = process.environ().get("PREFECT_HOME", "")
+            if home.startswith(prefix) and is_running(process):
+                found.setdefault(os.path.realpath(home), []).append(process)
+    return found
+
+
+def _recorded_processes(folder: Path) -> tuple[list[psutil.Process], int | None]:
+    """The watchdog and server named in ``server.json`` that still run, with their
+    descendants, and the server's process group if its leader still runs."""
+    try:
+        record = json.loads((folder / SERVER_FILE).read_text())
+    except (OSError, ValueError):
+        return [], None
+    processes: list[psutil.Process] = []
+    pgid = None
+    for role in ("watchdog", "server"):
+        entry = record.get(role) if isinstance(record, dict) else None
+        with contextlib.suppress(AttributeError, TypeError, psutil.Error):
+            process = _same_process(int(entry["pid"]), float(entry["create_time"]))
+            if process is not None:
+                processes += process_tree(process.pid)
+                if role == "server":
+                    pgid = process.pid
+    return processes, pgid
+
+
+def clean_leftovers(tmpdir: str | Path | None = None, min_age_s: float = 60.0) -> list[Path]:
+    """End the processes of, and remove, ``dereverb-prefect-*`` homes whose owner is gone.
+
+    A home whose owner still runs is never touched. One with no owner record is either being
+    created right now or was left by a version that wrote none: it is removed only once older
+    than ``min_age_s`` and used by no live process. Returns the folders removed.
+    """
+    root = Path(tmpdir or tempfile.gettempdir())
+    removed: list[Path] = []
+    users: dict[str, list[psutil.Process]] | None = None
+    for folder in sorted(root.glob(f"{HOME_PREFIX}*")):
+        try:
+            info = folder.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue  # not a folder we made (or another user's: not ours to judge)
+        owner = _read_owner(folder)
+        if owner is not None and _owner_alive(owner):
+            continue
+        if owner is None and time.time() - info.st_mtime < min_age_s:
+            continue
+        if users is None:  # reading every process's environment: only when needed
+            users = _processes_by_home(root)
+        using = users.get(os.path.realpath(folder), [])
+        if owner is None and using:
+            continue  # someone's server runs there, and we cannot tell whose
+        recorded, pgid = _recorded_processes(folder)
+        processes = list({p.pid: p for p in [*recorded, *using]}.values())
+        if processes or pgid is not None:
+            end_process_group(processes, grace_s=5.0, pgid=pgid)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
 
 
 @contextlib.contextmanager
@@ -99,8 +257,13 @@ def prefect_server() -> Iterator[str]:
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with tempfile.TemporaryDirectory(prefix="dereverb-prefect-") as home:
-        process, api_url = start_server(Path(home))
+    try:
+        clean_leftovers()
+    except Exception as exc:  # a failed cleanup of old runs must not stop this one
+        print(f"warning: could not clean up old Prefect servers: {exc}", file=sys.stderr)
+    home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
+    try:
+        process, api_url = start_server(home, owns_home=True)
         # The environment variable reaches worker processes started from here on; the
         # settings context reaches this process, whose Prefect settings are already loaded.
         os.environ["PREFECT_API_URL"] = api_url
@@ -111,6 +274,8 @@ def prefect_server() -> Iterator[str]:
             _flush_logs()
             os.environ.pop("PREFECT_API_URL", None)
             stop_server(process)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _flush_logs() -> None:
