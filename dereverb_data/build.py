@@ -28,6 +28,7 @@ from .inspect import distribution
 from .lock import build_lock
 from .manifest import Manifest
 from .plan import Plan, make_plan
+from .preflight import check_same_dataset
 from .render import render_pair
 from .rir_bank import RirBank, get_or_simulate
 from .stft import stft
@@ -70,12 +71,14 @@ def default_rir_cache(store_url: str) -> str:
     return f"{store_url.rstrip('/')}/{BUILD_DIR}/rir_bank"
 
 
-def prepare_build(manifest: Manifest, store_url: str) -> Plan:
+def prepare_build(manifest: Manifest, store_url: str, replace: bool = False) -> Plan:
     """Scan the corpus, plan every example, and create (or check) the store for the plan.
 
     The store keeps the corpus scan, so planning again (a resume, an edit of the rooms) reads
-    only files that are new or changed.
+    only files that are new or changed. A store that holds another dataset (name, seed or
+    corpus) is refused unless ``replace``.
     """
+    check_same_dataset(store_url, manifest, replace)
     store = DatasetStore(store_url)
     cache = _read_scan_cache(store)
     utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
@@ -268,8 +271,8 @@ def _reusable_frames(store: DatasetStore, plan: Plan, shard_id: int) -> dict[str
         old_rows = {row["example_id"]: row for row in store.read_labels(shard_id)}
         frames = plan.manifest.storage.frames_per_shard
         rev, clean = store.read_shard(shard_id * frames, frames)
-    except (FileNotFoundError, KeyError, ValueError):
-        return {}
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError):
+        return {}  # damaged (zarr raises ValueError or RuntimeError): rendered afresh
     if shard_checksum(rev, clean) != marker.checksum:
         return {}
     reusable = {}
@@ -435,14 +438,34 @@ def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) 
         "summary": summary,
         "quarantined": [{"file": q.source, "reason": q.reason} for q in plan.quarantined],
         "clipped": [u.source for u in plan.utterances.values() if "clipped" in u.flags],
+        "warnings": label_warnings(manifest, in_range),
     }
 
 
-def build_serial(manifest: Manifest, store_url: str, rir_cache: str | None = None) -> dict:
+# Below this share of measured RT60 inside the requested range, a build warns: the labels are
+# still true (they are measured), but the data no longer matches what the manifest asked for.
+RT60_IN_RANGE_MIN = 0.95
+
+
+def label_warnings(manifest: Manifest, rt60_in_range: float | None) -> list[str]:
+    """Warnings about how far the built data is from what the manifest asked for."""
+    if rt60_in_range is None or rt60_in_range >= RT60_IN_RANGE_MIN:
+        return []
+    low, high = manifest.rooms.rt60_s  # type: ignore[misc]
+    return [
+        f"rooms.rt60_s: only {rt60_in_range:.0%} of measured RT60 (T30) fall inside the "
+        f"requested [{low}, {high}] s (rule: at least {RT60_IN_RANGE_MIN:.0%}); the labels "
+        "record the measured values; widen rt60_s or change the room sizes and absorption"
+    ]
+
+
+def build_serial(
+    manifest: Manifest, store_url: str, rir_cache: str | None = None, replace: bool = False
+) -> dict:
     """The whole build in one process, in a plain loop: same steps as the flow, no Prefect."""
     rir_cache = rir_cache or default_rir_cache(store_url)
     with build_lock(store_url):
-        plan = prepare_build(manifest, store_url)
+        plan = prepare_build(manifest, store_url, replace)
         rooms = [simulate_room_step(store_url, room, rir_cache) for room in rirs_by_room(plan)]
         shards = [render_shard_step(store_url, s.shard_id, rir_cache) for s in plan.shards]
         report = finalize_step(store_url)

@@ -143,11 +143,40 @@ def _scan_key(path: Path, corpus: FolderCorpus, sample_rate: int) -> str:
     )
 
 
+def wav_truncation(path: Path) -> str | None:
+    """Why a RIFF/WAVE file is truncated (its header declares more data than the file holds),
+    or None. libsndfile silently reads what is there, so a half-copied file would pass as a
+    short utterance. Sizes 0 and 0xFFFFFFFF are what streaming writers leave: not truncation.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        header = handle.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return None
+        position = 12
+        while position + 8 <= size:
+            handle.seek(position)
+            chunk = handle.read(8)
+            name, length = chunk[:4], int.from_bytes(chunk[4:8], "little")
+            if name == b"data":
+                available = size - position - 8
+                if 0 < length < 0xFFFFFFFF and length > available:
+                    return (
+                        f"truncated: the header declares {length} bytes of audio, the file "
+                        f"holds {available} (an incomplete copy?)"
+                    )
+                return None
+            position += 8 + length + (length & 1)  # chunks are padded to even sizes
+    return None
+
+
 def _scan_file(path: Path, corpus: FolderCorpus, sample_rate: int) -> dict:
     """Read, check and hash one file: ``{"problem": reason}`` or its utterance facts."""
     try:
         if path.suffix.lower() not in AUDIO_SUFFIXES:
             raise AudioError(f"{path}: not a wav/flac/ogg file")
+        if path.suffix.lower() == ".wav" and (truncated := wav_truncation(path)):
+            raise AudioError(f"{path}: {truncated}")
         signal, rate, channels = read_audio(path, sample_rate, corpus.downmix)
         problem = audio_problems(signal, sample_rate, corpus.min_duration_s, corpus.max_duration_s)
         if problem:

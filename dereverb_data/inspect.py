@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import zarr
 
-from .store import SIGNALS, DatasetStore, StoreError, decode
+from .store import BUILD_DIR, SIGNALS, DatasetStore, StoreError, decode, open_store_group
 
 
 def distribution(values: np.ndarray) -> dict:
@@ -22,7 +24,7 @@ def distribution(values: np.ndarray) -> dict:
 
 
 def read_index(url: str) -> dict[str, np.ndarray]:
-    group = zarr.open_group(url, mode="r")
+    group = open_store_group(url)
     if "index" not in group:
         raise StoreError(f"{url}: no index; the build has not finished (run dereverb build again)")
     index = group["index"]
@@ -30,7 +32,7 @@ def read_index(url: str) -> dict[str, np.ndarray]:
 
 
 def describe_store(url: str) -> dict:
-    group = zarr.open_group(url, mode="r")
+    group = open_store_group(url)
     attrs = dict(group.attrs)
     if attrs.get("format") != "dereverb-store":
         raise StoreError(f"{url}: not a dereverb store (no format attribute)")
@@ -58,6 +60,20 @@ def describe_store(url: str) -> dict:
             name: distribution(index[name])
             for name in ("rt60_t30", "rt60_t20", "drr_db", "c50_db", "distance_m")
         },
+        **_build_report_facts(url),
+    }
+
+
+def _build_report_facts(url: str) -> dict:
+    """Clipped and quarantined sources and warnings, from the last build's report (if any)."""
+    try:
+        report = json.loads(DatasetStore(url).read_text(f"{BUILD_DIR}/report.json"))
+    except (OSError, ValueError):
+        return {"clipped_sources": [], "quarantined": [], "warnings": []}
+    return {
+        "clipped_sources": list(report.get("clipped", [])),
+        "quarantined": [q.get("reason", "") for q in report.get("quarantined", [])],
+        "warnings": list(report.get("warnings", [])),
     }
 
 
@@ -76,6 +92,11 @@ def format_description(d: dict) -> str:
             f"{stats.get(k, float('nan')):.3f}" for k in ("min", "p10", "median", "p90", "max")
         )
         lines.append(f"  {name:<12} {values}")
+    lines.append(f"clipped        {len(d['clipped_sources'])} source file(s), kept and flagged")
+    lines += [f"  {source}" for source in d["clipped_sources"]]
+    lines.append(f"quarantined    {len(d['quarantined'])} file(s)")
+    lines += [f"  {reason}" for reason in d["quarantined"]]
+    lines += [f"warning        {warning}" for warning in d["warnings"]]
     return "\n".join(lines)
 
 
@@ -88,6 +109,9 @@ def plot_store(url: str, path: str, example: int = 0) -> None:
 
     group = zarr.open_group(url, mode="r")
     index = read_index(url)
+    n = int(index["example_id"].size)
+    if not 0 <= example < n:
+        raise StoreError(f"--example {example}: {url} has {n} examples (rows 0 to {n - 1})")
     offset, count = int(index["frame_offset"][example]), int(index["frame_count"][example])
     fs, hop = group.attrs["sample_rate"], group.attrs["stft"]["hop"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))

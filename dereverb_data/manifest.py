@@ -346,10 +346,11 @@ class Splits(_Strict):
 
 class Manifest(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = Field(ge=0)
-    sample_rate: int = Field(16000, ge=8000, le=96000)
+    # Strict: YAML's `true` would otherwise pass as the integer 1 (and "3" as 3).
+    seed: int = Field(ge=0, strict=True)
+    sample_rate: int = Field(16000, ge=8000, le=96000, strict=True)
     corpus: Annotated[DemoCorpus | FolderCorpus, Field(discriminator="kind")]
-    variants_per_utterance: int = Field(2, ge=1, le=1000)
+    variants_per_utterance: int = Field(2, ge=1, le=1000, strict=True)
     rooms: Rooms = Rooms()
     simulation: Simulation = Simulation()
     target: Target = Target()
@@ -435,14 +436,24 @@ def load_manifest(path: str | Path, corpus_path: str | None = None) -> Manifest:
     """Read and validate a YAML manifest file; ``corpus_path`` replaces ``corpus.path``."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the manifest as UTF-8"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from None
     if corpus_path is not None and isinstance(data, dict) and isinstance(data.get("corpus"), dict):
+        if data["corpus"].get("kind") != "folder":
+            raise ManifestError(
+                f"{path}: --corpus replaces corpus.path, but this manifest's corpus is "
+                f"kind {data['corpus'].get('kind')!r}, which has no path (use a folder manifest, "
+                "e.g. manifests/folder.yaml)"
+            )
         data["corpus"]["path"] = str(Path(corpus_path).expanduser().resolve())
     manifest = parse_manifest(data, str(path))
     if isinstance(manifest.corpus, FolderCorpus):

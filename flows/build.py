@@ -37,12 +37,16 @@ if TYPE_CHECKING:
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(
-    manifest_path: str, store_url: str, rir_cache: str, corpus_path: str | None = None
+    manifest_path: str,
+    store_url: str,
+    rir_cache: str,
+    corpus_path: str | None = None,
+    replace: bool = False,
 ) -> dict:
     """Plan, and list only the work not already done: every mapped task costs orchestration
     time, so rooms whose RIRs are all banked and shards already done are not mapped."""
     steps.limit_threads()
-    plan = steps.prepare_build(load_manifest(manifest_path, corpus_path), store_url)
+    plan = steps.prepare_build(load_manifest(manifest_path, corpus_path), store_url, replace)
     banked = RirBank(rir_cache).rir_ids()
     rooms = steps.rirs_by_room(plan)
     pending_rooms = [room for room, rirs in rooms.items() if not set(rirs) <= banked]
@@ -275,6 +279,9 @@ def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: d
         lines.append(
             f"\nMeasured RT60 inside the requested range: {s['rt60_in_requested_range']:.0%}"
         )
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {warning}" for warning in report["warnings"]]
     if report["quarantined"]:
         lines += ["", "## Quarantined files", ""]
         lines += [f"- `{q['file']}`: {q['reason']}" for q in report["quarantined"]]
@@ -290,19 +297,21 @@ def build_dataset(
     then_train: dict | None = None,
     break_lock: bool = False,
     repair: bool = False,
+    replace: bool = False,
 ) -> dict:
     """Build (or resume, or incrementally update) the store described by a manifest.
 
     Holds the store's build lock for the whole build (one writer per store, whoever starts
     the flow: the CLI, a deployment or a schedule). ``repair`` first forgets the shards that
     fail verification; ``then_train`` (``{"config_path": ..., "out_dir": ...}``) kicks off the
-    ``train-model`` flow on the finished store.
+    ``train-model`` flow on the finished store. A store that holds another dataset (name,
+    seed or corpus) is refused unless ``replace``.
     """
     with build_lock(store_url, break_lock):
         repaired = []
         if repair and DatasetStore(store_url).exists():
             repaired = forget_damaged_shards(store_url)
-        report = _build(manifest_path, store_url, rir_cache, corpus_path)
+        report = _build(manifest_path, store_url, rir_cache, corpus_path, replace)
     report["repaired_shards"] = repaired
     if then_train:
         from .train import train_model
@@ -347,14 +356,19 @@ def _merged(results: list[dict]) -> list[dict]:
 
 
 def _build(
-    manifest_path: str, store_url: str, rir_cache: str | None, corpus_path: str | None
+    manifest_path: str,
+    store_url: str,
+    rir_cache: str | None,
+    corpus_path: str | None,
+    replace: bool = False,
 ) -> dict:
     logger = get_run_logger()
     rir_cache = rir_cache or steps.default_rir_cache(store_url)
-    planned = plan_task(manifest_path, store_url, rir_cache, corpus_path)
+    planned = plan_task(manifest_path, store_url, rir_cache, corpus_path, replace)
     logger.info("plan: %s", planned["summary"])
+    # INFO, not WARNING: the run's log keeps them, and the command lists them once at its end.
     for reason in planned["quarantined"]:
-        logger.warning("quarantined: %s", reason)
+        logger.info("quarantined: %s", reason)
     # A rerun with nothing left to do (or a resume whose work is done) starts no cluster.
     cluster_start = _start_local_cluster() if planned["rooms"] or planned["shards"] else None
     # Each task run costs orchestration time (state updates, logs, moving between processes),
@@ -422,6 +436,7 @@ def run_build(
     break_lock: bool = False,
     repair: bool = False,
     then_train: dict | None = None,
+    replace: bool = False,
 ) -> dict:
     """Run the flow with the task runner for ``workers`` / ``dask_address``."""
     # Dask's own INFO lines (workers starting and closing) drown the build's progress.
@@ -429,4 +444,6 @@ def run_build(
         logging.getLogger(name).setLevel(logging.WARNING)
     runner = task_runner(workers, dask_address)
     flow = build_dataset.with_options(task_runner=runner)
-    return flow(manifest_path, store_url, rir_cache, corpus_path, then_train, break_lock, repair)
+    return flow(
+        manifest_path, store_url, rir_cache, corpus_path, then_train, break_lock, repair, replace
+    )

@@ -1,32 +1,112 @@
-"""The ``dereverb`` command line: plan, build, inspect (and more as the product grows)."""
+"""The ``dereverb`` command line: plan, build, serve, verify, inspect, train, evaluate, enhance.
+
+Every user error ends the command with one ``error:`` line naming the file or field and exit
+status 2; ``--debug`` (or ``DEREVERB_DEBUG=1``) shows the traceback instead. Modules are
+imported by the commands that need them, so ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
+import errno
 import json
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-from dereverb_data.corpus import AudioError
-from dereverb_data.manifest import ManifestError, load_manifest
-from dereverb_data.rooms import PlacementError
-from dereverb_data.store import StoreError
-
-USER_ERRORS = (ManifestError, AudioError, StoreError, PlacementError, FileNotFoundError)
+from typing import NoReturn
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .train import TrainConfigError
+class CommandError(Exception):
+    """A command-line usage error the parser cannot see; the message names the option."""
 
-    return (*USER_ERRORS, TrainConfigError)
+
+# The user-error classes, by module: an exception can only be an instance of a class whose
+# module is imported, so classifying an error never imports anything.
+USER_ERRORS = {
+    "dereverb_data.manifest": ("ManifestError",),
+    "dereverb_data.corpus": ("AudioError",),
+    "dereverb_data.store": ("StoreError",),
+    "dereverb_data.rooms": ("PlacementError",),
+    "flows.train": ("TrainConfigError",),
+    "flows.runners": ("ClusterError",),
+    "training.enhance": ("EnhanceError",),
+    "training.train": ("RunFolderError",),
+    "training.checkpoint": ("CheckpointError",),
+}
+
+# Operating-system errors a user can act on (a full disk, a read-only folder, a wrong path).
+USER_ERRNOS = {
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+}
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, CommandError):
+        return True
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return True  # also when raised with a message only (no errno), as zarr does
+    if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
+        return True
+    for module_name, names in USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        classes = tuple(getattr(module, n) for n in names if hasattr(module, n))
+        if classes and isinstance(exc, classes):
+            return True
+    return False
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for a user error (itself or what it was raised from), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _is_user_error(current):
+            if isinstance(current, OSError) and current.strerror:
+                where = current.filename or ""
+                return f"{where}: {current.strerror}" if where else current.strerror
+            return str(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from dereverb_data.corpus import scan_corpus
+    from dereverb_data.manifest import load_manifest
     from dereverb_data.plan import make_plan
 
     manifest = load_manifest(args.manifest, args.corpus)
@@ -100,13 +180,28 @@ def _run_watched(work: Callable[[], dict], store_url: str, rir_cache: str, progr
     return outcome["report"]
 
 
+def _preflight_build(args: argparse.Namespace) -> None:
+    """Everything a build can check before it starts a server or a cluster."""
+    from dereverb_data.manifest import load_manifest
+    from dereverb_data.preflight import check_corpus, check_same_dataset, check_store_target
+
+    manifest = load_manifest(args.manifest, args.corpus)
+    check_corpus(manifest)
+    check_store_target(args.store)
+    check_same_dataset(args.store, manifest, args.replace)
+    if args.dask_address:
+        from .runners import check_scheduler
+
+        check_scheduler(args.dask_address)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from dereverb_data.build import default_rir_cache
 
+    _preflight_build(args)
     from .build import run_build
     from .server import prefect_server
 
-    load_manifest(args.manifest, args.corpus)  # fail on a bad manifest before starting anything
     rir_cache = args.rir_cache or default_rir_cache(args.store)
     corpus = str(Path(args.corpus).resolve()) if args.corpus else None
     then_train = None
@@ -116,7 +211,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         load_train_config(args.then_train)  # a bad training config fails before the build
         out = args.train_out or str(Path("runs") / Path(args.store).stem)
         then_train = {"config_path": str(Path(args.then_train).resolve()), "out_dir": out}
-    with prefect_server():
+    with _resume_hint(args.store), prefect_server():
         report = _run_watched(
             lambda: run_build(
                 args.manifest,
@@ -128,6 +223,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 break_lock=args.break_lock,
                 repair=args.repair,
                 then_train=then_train,
+                replace=args.replace,
             ),
             args.store,
             rir_cache,
@@ -141,11 +237,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     print("counts: " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()))
     for item in report["quarantined"]:
         print(f"quarantined: {item['reason']}")
+    for source in report.get("clipped", []):
+        print(f"clipped source (kept, flagged): {source}")
     if report.get("repaired_shards"):
         print(f"repaired shards: {report['repaired_shards']}")
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if "training" in report:
         print(f"trained into {then_train['out_dir']}: " + _format_metrics(report["training"]))
     return 0
+
+
+@contextlib.contextmanager
+def _resume_hint(store: str) -> Iterator[None]:
+    """A full disk (or file-size limit) mid-build: say that nothing built is lost."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise CommandError(
+            f"{exc.filename or store}: {exc.strerror}; every shard finished so far is kept: "
+            "free some space and rerun the same command to resume"
+        ) from exc
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -167,6 +281,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if not args.data and not (args.speech and args.rirs):
+        raise CommandError("evaluate needs --data STORE, or --speech DIR with --rirs DIR")
     from training.evaluate import evaluate
 
     table = evaluate(
@@ -188,22 +304,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_enhance(args: argparse.Namespace) -> int:
     import torch
 
-    from training.enhance import EnhanceError, enhance_file, model_spec_fn, reconstruct_fn
+    from training.enhance import (
+        EnhanceError,
+        enhance_file,
+        model_spec_fn,
+        plan_outputs,
+        reconstruct_fn,
+    )
     from training.evaluate import load_checkpoint
 
+    pairs = plan_outputs(args.inputs, args.out)  # every output decided before any is written
     model, config, rate = load_checkpoint(args.checkpoint)
     spec_fn = reconstruct_fn(model_spec_fn(model, torch.device("cpu")), args.phase, config)
-    out_dir = Path(args.out)
     failures = 0
-    for source in map(Path, args.inputs):
+    for source, destination in pairs:
         try:
             written = enhance_file(
-                spec_fn,
-                source,
-                out_dir / source.name,
-                rate,
-                config,
-                progress=sys.stderr.isatty(),
+                spec_fn, source, destination, rate, config, progress=sys.stderr.isatty()
             )
             print(f"{source} -> {written}")
         except (EnhanceError, FileNotFoundError) as exc:
@@ -213,6 +330,13 @@ def cmd_enhance(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dereverb_data.manifest import load_manifest
+
+    load_manifest(args.manifest)
+    if args.dask_address:
+        from .runners import check_scheduler
+
+        check_scheduler(args.dask_address)
     import prefect
 
     from .deployments import deployments
@@ -220,7 +344,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import prefect_server
     from .train import train_deployment
 
-    load_manifest(args.manifest)
     with prefect_server() as api, served_cluster(args.workers, args.dask_address) as address:
         served = deployments(args.manifest, args.store, args.cron or None, args.workers, address)
         if args.train_config:
@@ -252,6 +375,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dereverb_data.inspect import describe_store, format_description, plot_store
 
     description = describe_store(args.store)
+    if args.plot and not 0 <= args.example < description["examples"]:
+        n = description["examples"]
+        raise CommandError(
+            f"--example {args.example}: {args.store} has {n} examples (0 to {n - 1})"
+        )
     print(json.dumps(description, indent=2) if args.json else format_description(description))
     if args.plot:
         plot_store(args.store, args.plot, args.example)
@@ -259,75 +387,124 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dereverb", description="Reverberant speech datasets, models and evaluation."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints the whole usage block first)."""
 
-    plan = sub.add_parser("plan", help="validate a manifest and print its plan (simulates nothing)")
-    plan.add_argument("manifest")
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show full tracebacks and every log line (also: DEREVERB_DEBUG=1)",
+    )
+    parser = _Parser(
+        prog="dereverb",
+        description="Reverberant speech datasets, models and evaluation.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    plan = command("plan", "validate a manifest and print its plan (simulates nothing)")
+    plan.add_argument("manifest", help="dataset manifest (YAML)")
     plan.add_argument("--corpus", help="corpus folder (replaces corpus.path in the manifest)")
-    plan.add_argument("--show", type=int, default=0, metavar="N", help="print the first N examples")
+    plan.add_argument(
+        "--show", type=_non_negative_int, default=0, metavar="N", help="print the first N examples"
+    )
     plan.set_defaults(func=cmd_plan)
 
-    build = sub.add_parser("build", help="build, resume or update a store from a manifest")
-    build.add_argument("manifest")
+    build = command("build", "build, resume or update a store from a manifest")
+    build.add_argument("manifest", help="dataset manifest (YAML)")
     build.add_argument("--store", required=True, help="store path or URL (e.g. s3://bucket/x.zarr)")
     build.add_argument("--corpus", help="corpus folder (replaces corpus.path in the manifest)")
     build.add_argument("--rir-cache", help="RIR bank path or URL (default: inside the store)")
     build.add_argument(
-        "--workers", type=int, help="worker processes (1: in-process; default: cores)"
+        "--workers", type=_positive_int, help="worker processes (1: in-process; default: cores)"
     )
     build.add_argument("--dask-address", help="use an existing Dask scheduler, tcp://HOST:PORT")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.add_argument("--repair", action="store_true", help="rebuild shards that fail verify")
+    build.add_argument(
+        "--replace",
+        action="store_true",
+        help="the store holds another dataset (name, seed or corpus): rebuild it as this one",
+    )
     build.add_argument("--then-train", metavar="CONFIG", help="train on the store when built")
     build.add_argument("--train-out", metavar="RUN_DIR", help="run folder for --then-train")
     build.add_argument(
-        "--break-lock", action="store_true", help="take over a lock held from another host"
+        "--break-lock",
+        action="store_true",
+        help="take over a lock held from another host, or a lock file that is unreadable",
     )
     build.set_defaults(func=cmd_build)
 
-    serve = sub.add_parser("serve", help="serve build/regenerate(/train) deployments")
-    serve.add_argument("manifest")
-    serve.add_argument("--store", required=True)
+    serve = command("serve", "serve build/regenerate(/train) deployments")
+    serve.add_argument("manifest", help="dataset manifest (YAML) the deployments build")
+    serve.add_argument("--store", required=True, help="store path or URL the deployments build")
     serve.add_argument("--cron", default="0 2 * * *", help="nightly build schedule; '' for none")
-    serve.add_argument("--workers", type=int)
-    serve.add_argument("--dask-address")
-    serve.add_argument("--train-config", help="also serve a train-model deployment")
-    serve.add_argument("--train-out", metavar="RUN_DIR")
+    serve.add_argument(
+        "--workers", type=_positive_int, help="local worker processes (default: cores)"
+    )
+    serve.add_argument("--dask-address", help="use an existing Dask scheduler, tcp://HOST:PORT")
+    serve.add_argument("--train-config", help="also serve a train-model deployment (YAML)")
+    serve.add_argument("--train-out", metavar="RUN_DIR", help="run folder of the train deployment")
     serve.set_defaults(func=cmd_serve)
 
-    verify = sub.add_parser("verify", help="recompute checksums and check the index")
-    verify.add_argument("store")
+    verify = command("verify", "recompute checksums and check the index")
+    verify.add_argument("store", help="store path or URL")
     verify.set_defaults(func=cmd_verify)
 
-    train = sub.add_parser("train", help="train (or resume) a model on a store")
+    train = command("train", "train (or resume) a model on a store")
     train.add_argument("--data", required=True, help="store path or URL")
     train.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
     train.add_argument("--model", help="model name (default: the config's, else bsrnn_lite)")
-    train.add_argument("--steps", type=int)
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    train.add_argument(
+        "--steps", type=_positive_int, help="optimizer steps (replaces the config's)"
+    )
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
     train.add_argument("--config", help="YAML file of TrainConfig fields")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="score a checkpoint next to input, WPE, oracle")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--out", required=True)
-    evaluate.add_argument("--data", help="store to evaluate on")
-    evaluate.add_argument("--split", default="test")
+    evaluate = command("evaluate", "score a checkpoint next to input, WPE, oracle")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    evaluate.add_argument("--out", required=True, help="folder for the CSV, summary and plots")
+    evaluate.add_argument("--data", help="store to evaluate on (or --speech with --rirs)")
+    evaluate.add_argument("--split", default="test", help="store split (default: test)")
     evaluate.add_argument("--speech", help="folder of clean speech (real-room check)")
     evaluate.add_argument("--rirs", help="folder of measured RIRs (real-room check)")
-    evaluate.add_argument("--phase", default="model", choices=["model", "fgla", "gd"])
-    evaluate.add_argument("--limit", type=int, help="at most N store examples")
-    evaluate.add_argument("--pairs-per-rir", type=int, default=4)
+    evaluate.add_argument(
+        "--phase",
+        default="model",
+        choices=["model", "fgla", "gd"],
+        help="model: its own output; fgla/gd: its magnitude with reconstructed phase",
+    )
+    evaluate.add_argument("--limit", type=_positive_int, help="at most N store examples")
+    evaluate.add_argument(
+        "--pairs-per-rir",
+        type=_positive_int,
+        default=4,
+        help="utterances per measured RIR (default: 4)",
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
-    enhance = sub.add_parser("enhance", help="dereverberate your own recordings")
-    enhance.add_argument("--checkpoint", required=True)
-    enhance.add_argument("inputs", nargs="+", metavar="IN")
-    enhance.add_argument("--out", required=True, help="output folder (never the input's)")
+    enhance = command("enhance", "dereverberate your own recordings")
+    enhance.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    enhance.add_argument("inputs", nargs="+", metavar="IN", help="audio files (wav, flac, ogg)")
+    enhance.add_argument(
+        "--out",
+        required=True,
+        help="output folder; each IN is written there under its own file name. Inputs with "
+        "the same file name, or an output that is an input (also through links), are refused "
+        "before anything is written",
+    )
     enhance.add_argument(
         "--phase",
         default="reverberant",
@@ -336,24 +513,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enhance.set_defaults(func=cmd_enhance)
 
-    inspect = sub.add_parser("inspect", help="describe a built store")
-    inspect.add_argument("store")
+    inspect = command("inspect", "describe a built store")
+    inspect.add_argument("store", help="store path or URL")
     inspect.add_argument(
         "--plot", metavar="FILE.png", help="draw label histograms and spectrograms"
     )
-    inspect.add_argument("--example", type=int, default=0, help="example to draw (index row)")
+    inspect.add_argument(
+        "--example", type=_non_negative_int, default=0, help="example to draw (index row)"
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=cmd_inspect)
     return parser
 
 
+def _debug_requested(args: argparse.Namespace) -> bool:
+    flag = os.environ.get("DEREVERB_DEBUG", "").strip().lower()
+    return bool(getattr(args, "debug", False)) or flag not in ("", "0", "false", "no")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = _debug_requested(args)
+    if not debug:
+        from .console import quiet_console
+
+        quiet_console()  # before Prefect is imported, here and in the processes started
     try:
         return args.func(args)
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        message = user_error_message(exc)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from urllib.parse import urlsplit
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dereverb_data.build import THREAD_VARIABLES
+
+
+class ClusterError(RuntimeError):
+    """The Dask scheduler given by address cannot be used; the message names it."""
+
+
+def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at a ``tcp://host:port`` address
+    (Dask itself retries for 30 s and then fails with a chain of tracebacks)."""
+    parsed = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname or not parsed.port:
+        raise ClusterError(f"--dask-address {address!r}: expected tcp://HOST:PORT")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterError(
+            f"--dask-address {address}: no Dask scheduler reachable ({exc.strerror or exc})"
+        ) from None
 
 
 def default_workers() -> int:
@@ -20,6 +41,7 @@ def task_runner(workers: int | None = None, dask_address: str | None = None):
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
+        check_scheduler(dask_address)
         return DaskTaskRunner(address=dask_address)
     workers = workers or default_workers()
     if workers == 1:
@@ -33,6 +55,9 @@ def task_runner(workers: int | None = None, dask_address: str | None = None):
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": None,
+            # No dashboard, but the scheduler still serves /health over HTTP, on 8787 unless
+            # told otherwise: a second build (or a user's own cluster) there made Dask warn.
+            "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
             "silence_logs": logging.ERROR,
             "env": {name: "1" for name in THREAD_VARIABLES},
         },

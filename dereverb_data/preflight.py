@@ -1,0 +1,107 @@
+"""Checks a build makes before any work, so a mistake costs one clear line, not a started build.
+
+Each raises the user-error class of what it checks (``AudioError`` for the corpus,
+``StoreError`` for the store) with a message naming the path or field. The flow's planning step
+runs :func:`check_same_dataset` again, so builds started by a deployment or a schedule are
+protected too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import fsspec
+
+from .corpus import AudioError
+from .manifest import FolderCorpus, Manifest
+from .store import BUILD_DIR, StoreError
+
+
+def check_corpus(manifest: Manifest) -> None:
+    """A folder corpus must be a folder with at least one file matching its pattern."""
+    corpus = manifest.corpus
+    if not isinstance(corpus, FolderCorpus):
+        return
+    root = Path(corpus.path)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise AudioError(f"corpus.path: {root} {what}")
+    for pattern in corpus.pattern.split("|"):
+        if any(p.is_file() for p in _first(root.glob(pattern), 1000)):
+            return
+    raise AudioError(f"corpus.path: no files match {corpus.pattern!r} under {root}")
+
+
+def _first(items, n: int):
+    for i, item in enumerate(items):
+        if i >= n:
+            return
+        yield item
+
+
+def check_store_target(store_url: str) -> None:
+    """A local store path must be a folder (or not exist yet) that this user can write."""
+    if "://" in store_url and not store_url.startswith("file://"):
+        return  # object stores: their errors come with their own messages
+    path = Path(store_url.removeprefix("file://")).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise StoreError(f"{path}: is a file, not a store folder; choose another --store")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StoreError(f"{path}: the store is read-only for this user")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StoreError(f"{path}: cannot create the store: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{path}: cannot create the store: {parent} is read-only for this user")
+
+
+def dataset_identity(manifest: dict) -> dict:
+    """What makes a store *this* dataset rather than an edit of it: its name, its seed and the
+    corpus it draws from (kind and path). Rooms, levels, limits and the rest are edits, which a
+    rebuild applies incrementally."""
+    corpus = manifest.get("corpus") or {}
+    return {
+        "name": manifest.get("name"),
+        "seed": manifest.get("seed"),
+        "corpus": {k: corpus.get(k) for k in ("kind", "path") if k in corpus},
+    }
+
+
+def stored_manifest(store_url: str) -> dict | None:
+    """The manifest the store was last planned from, or None for a new (or empty) store."""
+    fs, root = fsspec.core.url_to_fs(store_url.rstrip("/"))
+    path = f"{root}/{BUILD_DIR}/plan.json"
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as handle:
+            return json.load(handle)["manifest"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreError(
+            f"{store_url}: its build plan ({BUILD_DIR}/plan.json) is unreadable ({exc}); "
+            "it cannot be checked against this manifest"
+        ) from None
+
+
+def check_same_dataset(store_url: str, manifest: Manifest, replace: bool = False) -> None:
+    """Refuse to build a different dataset into an existing store unless ``replace``."""
+    if replace:
+        return
+    old = stored_manifest(store_url)
+    if old is None:
+        return
+    before, after = dataset_identity(old), dataset_identity(manifest.model_dump(mode="json"))
+    changed = [
+        f"{key} {before[key]!r} -> {after[key]!r}" for key in before if before[key] != after[key]
+    ]
+    if changed:
+        raise StoreError(
+            f"{store_url}: holds another dataset ({'; '.join(changed)}); build into a new "
+            "store, or pass --replace to rebuild this one as the new dataset"
+        )
