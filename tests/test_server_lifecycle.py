@@ -49,9 +49,12 @@ def _homes(root: Path) -> list[Path]:
     return sorted(root.glob(f"{HOME_PREFIX}*"))
 
 
-def _server_tree(parent: psutil.Process) -> list[psutil.Process]:
-    """The watchdog among ``parent``'s children, and everything below it."""
+def _server_tree(parent: psutil.Process, exclude: set[int] = frozenset()) -> list[psutil.Process]:
+    """The watchdog among ``parent``'s children (but not those in ``exclude``, e.g. the test
+    session's own server), and everything below it."""
     for child in parent.children():
+        if child.pid in exclude:
+            continue
         with contextlib.suppress(psutil.Error):
             if "flows.server_watchdog" in child.cmdline():
                 return [child, *child.children(recursive=True)]
@@ -169,10 +172,11 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(tempfile, "tempdir", str(root))
             patch.delenv("PREFECT_API_URL", raising=False)
+            earlier = {child.pid for child in me.children()}
             with prefect_server() as api:
                 seen["during"] = set(_homes(root))
                 seen["api"] = api
-                seen["tree"] = _server_tree(me)
+                seen["tree"] = _server_tree(me, exclude=earlier)
                 seen["tree_names"] = [" ".join(p.cmdline()) for p in seen["tree"]]
                 seen["healthy"] = _healthy(int(api.rsplit(":", 1)[1].split("/")[0]))
             seen["after"] = set(_homes(root))
