@@ -4,6 +4,10 @@ Audio of any rate is resampled with soxr (high quality, deterministic); several 
 downmixed by the manifest's policy (``mean`` of all channels, or the ``first``). A bad file is
 quarantined with its reason and the build goes on: one bad file never stops a build of
 thousands, and nothing is dropped without a line in the build report.
+
+Corpora: the built-in demo, a folder (files found by pattern, speaker from the path), or a
+Lhotse RecordingSet (:mod:`dereverb_data.lhotse_io` lists its files and speakers; the files are
+then read, checked, hashed and cached here exactly as a folder's are).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import soundfile as sf
 import soxr
 
 from .demo_corpus import demo_utterances, synthesize_utterance
-from .manifest import DemoCorpus, FolderCorpus
+from .manifest import DemoCorpus, FolderCorpus, LhotseCorpus, SpeakerRule
 
 SILENCE_PEAK_DBFS = -60.0
 CLIP_LEVEL = 0.999
@@ -53,7 +57,11 @@ class Quarantined:
 
 
 def speaker_of(relative: Path, corpus: FolderCorpus) -> str:
-    rule = corpus.speaker
+    return speaker_from_path(relative, corpus.speaker)
+
+
+def speaker_from_path(relative: Path, rule: SpeakerRule) -> str:
+    """The speaker id a rule reads from a file's path (relative to the corpus root)."""
     if rule.kind == "parent_dir":
         parents = relative.parents
         if rule.level > len(parents) - 1:
@@ -127,7 +135,7 @@ def _find_files(corpus: FolderCorpus) -> list[Path]:
     return files[: corpus.limit] if corpus.limit else files
 
 
-def _scan_key(path: Path, corpus: FolderCorpus, sample_rate: int) -> str:
+def _scan_key(path: Path, corpus: FolderCorpus | LhotseCorpus, sample_rate: int) -> str:
     """What a file's scan result depends on: its identity and version, and the scan settings."""
     stat = path.stat()
     return json.dumps(
@@ -170,7 +178,7 @@ def wav_truncation(path: Path) -> str | None:
     return None
 
 
-def _scan_file(path: Path, corpus: FolderCorpus, sample_rate: int) -> dict:
+def _scan_file(path: Path, corpus: FolderCorpus | LhotseCorpus, sample_rate: int) -> dict:
     """Read, check and hash one file: ``{"problem": reason}`` or its utterance facts."""
     try:
         if path.suffix.lower() not in AUDIO_SUFFIXES:
@@ -192,8 +200,38 @@ def _scan_file(path: Path, corpus: FolderCorpus, sample_rate: int) -> dict:
     }
 
 
+def _cached_scan(
+    path: Path,
+    corpus: FolderCorpus | LhotseCorpus,
+    sample_rate: int,
+    previous: dict[str, dict],
+    cache: dict[str, dict] | None,
+) -> dict:
+    """A file's scan facts, from ``previous`` when its path, size and mtime are unchanged."""
+    key = _scan_key(path, corpus, sample_rate)
+    facts = previous.get(key) or _scan_file(path, corpus, sample_rate)
+    if cache is not None:
+        cache[key] = facts
+    return facts
+
+
+def _utterance(utterance_id: str, speaker: str, path: Path, facts: dict) -> Utterance:
+    return Utterance(
+        utterance_id=utterance_id,
+        speaker=speaker,
+        source=str(path),
+        content_hash=facts["content_hash"],
+        num_samples=facts["num_samples"],
+        source_rate=facts["source_rate"],
+        channels=facts["channels"],
+        flags=tuple(facts["flags"]),
+    )
+
+
 def scan_corpus(
-    corpus: DemoCorpus | FolderCorpus, sample_rate: int, cache: dict[str, dict] | None = None
+    corpus: DemoCorpus | FolderCorpus | LhotseCorpus,
+    sample_rate: int,
+    cache: dict[str, dict] | None = None,
 ) -> tuple[list[Utterance], list[Quarantined]]:
     """Every usable utterance with its hash, speaker and length, and every rejected file.
 
@@ -206,6 +244,8 @@ def scan_corpus(
     previous = dict(cache or {})
     if cache is not None:
         cache.clear()
+    if isinstance(corpus, LhotseCorpus):
+        return _scan_lhotse(corpus, sample_rate, previous, cache)
     utterances: list[Utterance] = []
     quarantined: list[Quarantined] = []
     root = Path(corpus.path)
@@ -223,28 +263,65 @@ def scan_corpus(
                     "(two files differ only in their suffix)"
                 )
             speaker = speaker_of(relative, corpus)
-            key = _scan_key(path, corpus, sample_rate)
-            facts = previous.get(key) or _scan_file(path, corpus, sample_rate)
-            if cache is not None:
-                cache[key] = facts
+            facts = _cached_scan(path, corpus, sample_rate, previous, cache)
             if "problem" in facts:
                 raise AudioError(facts["problem"])
         except AudioError as exc:
             quarantined.append(Quarantined(str(path), str(exc)))
             continue
         seen[utterance_id] = path
-        utterances.append(
-            Utterance(
-                utterance_id=utterance_id,
-                speaker=speaker,
-                source=str(path),
-                content_hash=facts["content_hash"],
-                num_samples=facts["num_samples"],
-                source_rate=facts["source_rate"],
-                channels=facts["channels"],
-                flags=tuple(facts["flags"]),
-            )
-        )
+        utterances.append(_utterance(utterance_id, speaker, path, facts))
+    return utterances, quarantined
+
+
+def _scan_lhotse(
+    corpus: LhotseCorpus,
+    sample_rate: int,
+    previous: dict[str, dict],
+    cache: dict[str, dict] | None,
+) -> tuple[list[Utterance], list[Quarantined]]:
+    """A Lhotse RecordingSet's recordings as utterances: the recording id is the utterance id,
+    the speaker comes from the supervisions, and each file is read, checked, hashed and cached
+    exactly as a folder corpus's file is."""
+    from .lhotse_io import metadata_mismatch, read_recordings
+
+    utterances: list[Utterance] = []
+    quarantined: list[Quarantined] = []
+    ids: set[str] = set()
+    files: dict[Path, str] = {}
+    for recording in read_recordings(corpus):
+        rid = recording.recording_id
+        try:
+            if rid in ids:
+                raise AudioError("the same recording id is listed twice in the RecordingSet")
+            ids.add(rid)
+            if recording.problem:
+                raise AudioError(recording.problem)
+            path = recording.path
+            assert path is not None and recording.speaker is not None  # no problem: both known
+            if not path.is_file():
+                raise AudioError(
+                    f"{path}: missing (no such file; relative audio paths start at "
+                    f"corpus.audio_root = {corpus.audio_root or '.'})"
+                )
+            # Two ids for one file would put the same audio into the dataset twice, perhaps
+            # under two speakers and so in two splits.
+            resolved = path.resolve()
+            if resolved in files:
+                raise AudioError(f"{path}: same audio file as recording {files[resolved]!r}")
+            files[resolved] = rid
+            try:
+                facts = _cached_scan(path, corpus, sample_rate, previous, cache)
+            except OSError as exc:  # deleted or made unreadable since it was found
+                raise AudioError(f"{path}: unreadable ({exc.strerror or exc})") from None
+            if "problem" in facts:
+                raise AudioError(facts["problem"])
+            if mismatch := metadata_mismatch(recording, facts, sample_rate):
+                raise AudioError(f"{path}: {mismatch}")
+        except AudioError as exc:
+            quarantined.append(Quarantined(recording.source, f"recording {rid!r}: {exc}"))
+            continue
+        utterances.append(_utterance(rid, recording.speaker, path, facts))
     return utterances, quarantined
 
 

@@ -96,6 +96,46 @@ class FolderCorpus(_Strict):
         return self
 
 
+class LhotseCorpus(_Strict):
+    """Recordings listed in a Lhotse RecordingSet, speakers from its SupervisionSet.
+
+    Each recording is one utterance, the whole file (supervision times are not used). Its
+    speaker is the one speaker its supervisions name; a recording with none (or without a
+    SupervisionSet) takes ``speaker_fallback`` applied to its file path, and without a fallback
+    it is quarantined: guessing would break speaker-disjoint splits silently.
+    """
+
+    kind: Literal["lhotse"]
+    recordings: str = Field(min_length=1, description="RecordingSet manifest (.jsonl[.gz])")
+    supervisions: str | None = Field(
+        None, min_length=1, description="SupervisionSet manifest with the speakers"
+    )
+    audio_root: str | None = Field(
+        None, description="folder that relative audio paths in the RecordingSet start from"
+    )
+    speaker_fallback: SpeakerRule | None = Field(
+        None, description="speaker rule on the audio path for recordings without a speaker"
+    )
+    downmix: Literal["mean", "first"] = "mean"
+    min_duration_s: float = Field(0.5, gt=0)
+    max_duration_s: float = Field(30.0, gt=0)
+    limit: int | None = Field(None, ge=1, description="use only the first N recordings (by id)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LhotseCorpus:
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError("min_duration_s must be below max_duration_s")
+        if self.supervisions is None and self.speaker_fallback is None:
+            raise ValueError(
+                "supervisions: without a SupervisionSet (or a speaker_fallback rule) no "
+                "recording has a speaker and every one would be quarantined"
+            )
+        return self
+
+
+CORPUS_KINDS = ("demo", "folder", "lhotse")
+
+
 class Absorption(_Strict):
     """Frequency-dependent absorption, per octave band 125 Hz .. 4 kHz.
 
@@ -349,7 +389,7 @@ class Manifest(_Strict):
     # Strict: YAML's `true` would otherwise pass as the integer 1 (and "3" as 3).
     seed: int = Field(ge=0, strict=True)
     sample_rate: int = Field(16000, ge=8000, le=96000, strict=True)
-    corpus: Annotated[DemoCorpus | FolderCorpus, Field(discriminator="kind")]
+    corpus: Annotated[DemoCorpus | FolderCorpus | LhotseCorpus, Field(discriminator="kind")]
     variants_per_utterance: int = Field(2, ge=1, le=1000, strict=True)
     rooms: Rooms = Rooms()
     simulation: Simulation = Simulation()
@@ -386,7 +426,7 @@ def _format_errors(source: str, error: ValidationError) -> str:
     for item in error.errors():
         loc = [str(p) for p in item["loc"] if not str(p).startswith(("function-after", "tagged"))]
         # Drop the discriminator tag pydantic inserts in the path ("corpus.demo.speakers").
-        if len(loc) >= 2 and loc[0] == "corpus" and loc[1] in ("demo", "folder"):
+        if len(loc) >= 2 and loc[0] == "corpus" and loc[1] in CORPUS_KINDS:
             loc.pop(1)
         where = ".".join(loc) or "(top level)"
         if item["type"] == "extra_forbidden":
@@ -413,7 +453,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 def _suggestion(item: dict[str, Any]) -> str:
     models: list[type[BaseModel]] = [Manifest]
     for part in item["loc"][:-1]:
-        if part in ("demo", "folder"):
+        if part in CORPUS_KINDS:
             continue
         fields = [m.model_fields[str(part)] for m in models if str(part) in m.model_fields]
         models = [model for field in fields for model in _models_in(field.annotation)]
@@ -433,7 +473,11 @@ def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
 
 
 def load_manifest(path: str | Path, corpus_path: str | None = None) -> Manifest:
-    """Read and validate a YAML manifest file; ``corpus_path`` replaces ``corpus.path``."""
+    """Read and validate a YAML manifest file; ``corpus_path`` replaces ``corpus.path``.
+
+    Relative corpus paths (a folder's ``path``; a Lhotse corpus's ``recordings``,
+    ``supervisions`` and ``audio_root``) are made absolute against the manifest's folder.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -448,19 +492,63 @@ def load_manifest(path: str | Path, corpus_path: str | None = None) -> Manifest:
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from None
     if corpus_path is not None and isinstance(data, dict) and isinstance(data.get("corpus"), dict):
-        if data["corpus"].get("kind") != "folder":
+        kind = data["corpus"].get("kind")
+        if kind == "lhotse":
+            raise ManifestError(
+                f"{path}: --corpus replaces corpus.path, but a lhotse corpus names its "
+                "manifests in corpus.recordings and corpus.supervisions: edit those instead"
+            )
+        if kind != "folder":
             raise ManifestError(
                 f"{path}: --corpus replaces corpus.path, but this manifest's corpus is "
-                f"kind {data['corpus'].get('kind')!r}, which has no path (use a folder manifest, "
+                f"kind {kind!r}, which has no path (use a folder manifest, "
                 "e.g. manifests/folder.yaml)"
             )
         data["corpus"]["path"] = str(Path(corpus_path).expanduser().resolve())
     manifest = parse_manifest(data, str(path))
-    if isinstance(manifest.corpus, FolderCorpus):
-        corpus_path = Path(manifest.corpus.path).expanduser()
-        if not corpus_path.is_absolute():
-            # Relative corpus paths are relative to the manifest, not to the working directory.
-            corpus_path = (path.parent / corpus_path).resolve()
-        corpus = manifest.corpus.model_copy(update={"path": str(corpus_path)})
-        manifest = manifest.model_copy(update={"corpus": corpus})
-    return manifest
+    corpus = manifest.corpus
+    if isinstance(corpus, FolderCorpus):
+        corpus = corpus.model_copy(update={"path": _beside(path, corpus.path)})
+    elif isinstance(corpus, LhotseCorpus):
+        _require_lhotse(path)
+        update = {
+            "recordings": _beside(path, corpus.recordings),
+            # Relative audio paths in a RecordingSet are relative to where `lhotse prepare`
+            # ran, which nothing records; the manifest's folder is the default so a build
+            # never depends on the working directory (set audio_root when it is elsewhere).
+            "audio_root": _beside(path, corpus.audio_root or "."),
+        }
+        if corpus.supervisions is not None:
+            update["supervisions"] = _beside(path, corpus.supervisions)
+        corpus = corpus.model_copy(update=update)
+    return manifest.model_copy(update={"corpus": corpus})
+
+
+def _beside(manifest_path: Path, value: str) -> str:
+    """``value`` as an absolute path; relative ones start at the manifest's folder, not at the
+    working directory."""
+    target = Path(value).expanduser()
+    if not target.is_absolute():
+        target = (manifest_path.parent / target).resolve()
+    return str(target)
+
+
+def lhotse_installed() -> bool:
+    """Whether the optional ``lhotse`` package can be imported (without importing it: that
+    takes seconds, and only the corpus scan needs it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("lhotse") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+LHOTSE_MISSING = (
+    "corpus.kind 'lhotse' needs the optional lhotse package: pip install 'dereverb[lhotse]'"
+)
+
+
+def _require_lhotse(path: Path) -> None:
+    if not lhotse_installed():
+        raise ManifestError(f"{path}: {LHOTSE_MISSING}")

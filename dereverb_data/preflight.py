@@ -15,13 +15,18 @@ from pathlib import Path
 import fsspec
 
 from .corpus import AudioError
-from .manifest import FolderCorpus, Manifest
+from .manifest import LHOTSE_MISSING, FolderCorpus, LhotseCorpus, Manifest, lhotse_installed
 from .store import BUILD_DIR, StoreError
 
 
 def check_corpus(manifest: Manifest) -> None:
-    """A folder corpus must be a folder with at least one file matching its pattern."""
+    """A folder corpus must be a folder with at least one file matching its pattern; a Lhotse
+    corpus needs lhotse installed and its manifest files present (and, for JSONL, of the right
+    type: a CutSet given as recordings is caught here, not after a server has started)."""
     corpus = manifest.corpus
+    if isinstance(corpus, LhotseCorpus):
+        _check_lhotse_corpus(corpus)
+        return
     if not isinstance(corpus, FolderCorpus):
         return
     root = Path(corpus.path)
@@ -32,6 +37,32 @@ def check_corpus(manifest: Manifest) -> None:
         if any(p.is_file() for p in _first(root.glob(pattern), 1000)):
             return
     raise AudioError(f"corpus.path: no files match {corpus.pattern!r} under {root}")
+
+
+def _check_lhotse_corpus(corpus: LhotseCorpus) -> None:
+    from .lhotse_io import peek_manifest_type
+
+    if not lhotse_installed():
+        raise AudioError(LHOTSE_MISSING)
+    expected = {"recordings": "RecordingSet", "supervisions": "SupervisionSet"}
+    for field, kind in expected.items():
+        value = getattr(corpus, field)
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a file"
+            raise AudioError(f"corpus.{field}: {path} {what}")
+        try:
+            found = peek_manifest_type(path)
+        except AudioError as exc:
+            raise AudioError(f"corpus.{field}: {exc}") from None
+        if found == "empty":
+            raise AudioError(f"corpus.{field}: {path} is empty (no {kind} items)")
+        if found not in (None, kind, "unknown"):
+            raise AudioError(f"corpus.{field}: {path} is a Lhotse {found}, not a {kind}")
+    if corpus.audio_root is not None and not Path(corpus.audio_root).is_dir():
+        raise AudioError(f"corpus.audio_root: {corpus.audio_root} is not a folder")
 
 
 def _first(items, n: int):
