@@ -1,4 +1,5 @@
-"""The ``dereverb`` command line: plan, build, serve, verify, inspect, train, evaluate, enhance.
+"""The ``dereverb`` command line: plan, build, serve, ui, verify, inspect, train, evaluate,
+enhance.
 
 Every user error ends the command with one ``error:`` line naming the file or field and exit
 status 2; ``--debug`` (or ``DEREVERB_DEBUG=1``) shows the traceback instead. Modules are
@@ -200,7 +201,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     _preflight_build(args)
     from .build import run_build
-    from .server import prefect_server
+    from .server import is_temporary, prefect_server
 
     rir_cache = args.rir_cache or default_rir_cache(args.store)
     corpus = str(Path(args.corpus).resolve()) if args.corpus else None
@@ -211,7 +212,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         load_train_config(args.then_train)  # a bad training config fails before the build
         out = args.train_out or str(Path("runs") / Path(args.store).stem)
         then_train = {"config_path": str(Path(args.then_train).resolve()), "out_dir": out}
-    with _resume_hint(args.store), prefect_server():
+    started = time.time()
+    with _resume_hint(args.store), prefect_server() as api:
         report = _run_watched(
             lambda: run_build(
                 args.manifest,
@@ -229,6 +231,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             rir_cache,
             progress=not args.no_progress and sys.stderr.isatty(),
         )
+        # Only a server that outlives this command has a page worth linking to.
+        link = None if is_temporary(api) else _build_run_link(args.store, started)
     summary = report["summary"]
     print(
         f"built {args.store}: {summary['examples']} examples, {summary['hours']:.3f} h, "
@@ -245,7 +249,45 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if "training" in report:
         print(f"trained into {then_train['out_dir']}: " + _format_metrics(report["training"]))
+    if link:
+        print(f"Prefect run (its summary under Artifacts): {link}")
     return 0
+
+
+def _build_run_link(store: str, started: float) -> str | None:
+    """The UI page of the build-dataset run this command just finished, or None.
+
+    flows/build.py returns no run id, so it is looked up: the newest completed build-dataset
+    run of this store that started after this command (one writer per store, so no other
+    build of it can have completed since). Must run while the Prefect settings point at the
+    server.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.utilities.urls import url_for
+
+    # A margin for a remote server's clock; the store and the state narrow it down.
+    after = datetime.fromtimestamp(started, UTC) - timedelta(minutes=1)
+    # A link we cannot find must not fail a finished build.
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["build-dataset"])),
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after)),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=20,
+        )
+        for run in runs:
+            if run.parameters.get("store_url") == store and run.state and run.state.is_completed():
+                return url_for("flow-run", obj_id=run.id)
+    return None
 
 
 @contextlib.contextmanager
@@ -355,6 +397,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Run the persistent Prefect server in the foreground until Ctrl-C (or print the one
+    that already runs): while it runs, build and serve use it, so their runs stay visible."""
+    import signal
+
+    from .server import (
+        PersistentServerError,
+        find_persistent_server,
+        persistent_home,
+        persistent_server,
+        ui_url,
+    )
+
+    home = persistent_home()
+    running = find_persistent_server(home)
+    if running:
+        print(f"Prefect UI already running at {ui_url(running)} (API {running}, home {home})")
+        return 0
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the same orderly stop as Ctrl-C: the server, then this
+
+    # A closed terminal or `kill` must stop the server and remove the state file too.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    try:
+        with persistent_server(args.port, home) as (process, api):
+            print(f"Prefect UI at {ui_url(api)} (API {api}, home {home})")
+            print("dereverb build and serve use this server while it runs; Ctrl-C to stop")
+            sys.stdout.flush()
+            code = process.wait()  # returns only if the server stopped by itself
+    except PersistentServerError as exc:
+        raise CommandError(str(exc)) from exc
+    except KeyboardInterrupt:
+        print("Prefect UI stopped", file=sys.stderr)
+        return 0
+    raise RuntimeError(f"the Prefect server stopped by itself (code {code}); see {home}/server.log")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from dereverb_data.verify import verify_store
 
@@ -457,6 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--train-config", help="also serve a train-model deployment (YAML)")
     serve.add_argument("--train-out", metavar="RUN_DIR", help="run folder of the train deployment")
     serve.set_defaults(func=cmd_serve)
+
+    ui = command(
+        "ui",
+        "run a persistent Prefect server and UI until Ctrl-C; build and serve use it meanwhile",
+    )
+    ui.add_argument(
+        "--port", type=_positive_int, default=4200, help="port on 127.0.0.1 (default: 4200)"
+    )
+    ui.set_defaults(func=cmd_ui)
 
     verify = command("verify", "recompute checksums and check the index")
     verify.add_argument("store", help="store path or URL")

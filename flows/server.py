@@ -2,8 +2,18 @@
 
 Flows with worker processes must talk to one API: without ``PREFECT_API_URL`` each process
 starts its own temporary server, which is slow and fails with SQLite "database is locked".
-``prefect_server()`` uses ``PREFECT_API_URL`` when it is set, and otherwise starts
-``prefect server start --host 127.0.0.1`` on a free port, waits until healthy, and stops it.
+``prefect_server()`` uses ``PREFECT_API_URL`` when it is set, then a running persistent
+server (``dereverb ui``), and otherwise starts ``prefect server start --host 127.0.0.1`` on a
+free port, waits until healthy, and stops it.
+
+Every server started here tells its web UI its own API address (``PREFECT_SERVER_UI_API_URL``):
+Prefect derives it from ``PREFECT_SERVER_API_PORT`` (4200), not from ``--port``, so the UI of a
+server on another port could not reach its API.
+
+The persistent server (``persistent_server()``, run by ``dereverb ui`` in the foreground until
+Ctrl-C) keeps its home, and so its runs and artifacts, in ``$DEREVERB_HOME/prefect``
+(default ``~/.dereverb/prefect``). While it runs, ``ui.json`` there names its URL and the pid
+of its ``dereverb ui``; other commands use it when that process is alive and the API healthy.
 
 Nothing outlives a run, even a SIGKILLed one: the server is started by a watchdog process
 (``flows.server_watchdog``) that ends it, and removes its temporary home, when the process
@@ -41,6 +51,9 @@ from .server_watchdog import (
 
 HOME_PREFIX = "dereverb-prefect-"
 OWNER_FILE = "owner.json"
+UI_STATE_FILE = "ui.json"  # the persistent server's URL and owner, while it runs
+UI_LOCK_FILE = "ui.lock"  # held by the one ``dereverb ui`` that serves a home
+DEFAULT_UI_PORT = 4200
 # psutil derives create times from boot time and clock ticks: equal for one process, and a
 # pid is not reused within this time.
 _CREATE_TIME_TOLERANCE_S = 0.5
@@ -64,6 +77,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound now (nothing listens there)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def is_healthy(api_url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def ui_url(api_url: str) -> str:
+    """The web UI's address for a local server's API URL."""
+    return api_url.removesuffix("/").removesuffix("/api")
+
+
 def wait_healthy(
     api_url: str, timeout_s: float = 90.0, process: subprocess.Popen | None = None
 ) -> None:
@@ -71,12 +107,9 @@ def wait_healthy(
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the Prefect server exited early with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
+        if is_healthy(api_url):
+            return
+        time.sleep(0.3)
     raise RuntimeError(f"the Prefect server at {api_url} did not become healthy in {timeout_s} s")
 
 
@@ -100,8 +133,14 @@ def start_server(
     me = psutil.Process()
     # First, so that a home is never without an owner for a later start's cleanup to judge.
     write_json(home / OWNER_FILE, {"pid": me.pid, "create_time": me.create_time(), "port": port})
+    api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
+    # The UI asks /ui-settings where the API is; left alone, the answer is port 4200. A
+    # user's PREFECT_UI_API_URL (meant for their own server) would be as wrong here.
+    env.pop("PREFECT_UI_API_URL", None)
+    env["PREFECT_SERVER_UI_API_URL"] = api_url
+    env["PREFECT_UI_URL"] = ui_url(api_url)  # links the server itself makes
     command = [sys.executable, "-m", "flows.server_watchdog"]
     command += ["--parent", str(me.pid), "--home", str(home), "--port", str(port)]
     if owns_home:
@@ -117,7 +156,6 @@ def start_server(
             # whole group) does not take the watchdog with it, which then cleans up.
             start_new_session=True,
         )
-    api_url = f"http://127.0.0.1:{port}/api"
     try:
         wait_healthy(api_url, process=process)
     except Exception as exc:
@@ -247,16 +285,28 @@ def clean_leftovers(tmpdir: str | Path | None = None, min_age_s: float = 60.0) -
     return removed
 
 
+_TEMPORARY_URLS: set[str] = set()  # servers that prefect_server() started and will stop
+
+
+def is_temporary(api_url: str) -> bool:
+    """Whether ``api_url`` is a server that stops with this command (its links will not open)."""
+    return api_url in _TEMPORARY_URLS
+
+
 @contextlib.contextmanager
 def prefect_server() -> Iterator[str]:
-    """Yield an API URL: the configured one, or a server started (and stopped) here."""
+    """Yield an API URL: the configured one, the persistent server's (``dereverb ui``) if one
+    runs, or a server started (and stopped) here."""
     quiet_prefect()
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
         yield configured
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    persistent = find_persistent_server()
+    if persistent is not None:
+        with _using(persistent):
+            yield persistent
+        return
     try:
         clean_leftovers()
     except Exception as exc:  # a failed cleanup of old runs must not stop this one
@@ -264,18 +314,123 @@ def prefect_server() -> Iterator[str]:
     home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
     try:
         process, api_url = start_server(home, owns_home=True)
-        # The environment variable reaches worker processes started from here on; the
-        # settings context reaches this process, whose Prefect settings are already loaded.
-        os.environ["PREFECT_API_URL"] = api_url
+        _TEMPORARY_URLS.add(api_url)
         try:
-            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            with _using(api_url):
                 yield api_url
         finally:
-            _flush_logs()
-            os.environ.pop("PREFECT_API_URL", None)
+            _TEMPORARY_URLS.discard(api_url)
             stop_server(process)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _using(api_url: str) -> Iterator[None]:
+    """Point this process, and the worker processes it starts, at ``api_url``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # The environment variable reaches worker processes started from here on; the settings
+    # context reaches this process, whose Prefect settings are already loaded.
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        _flush_logs()
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+class PersistentServerError(RuntimeError):
+    """The persistent server cannot be started (port taken, another ``dereverb ui``)."""
+
+
+def persistent_home() -> Path:
+    """``$DEREVERB_HOME/prefect``, by default ``~/.dereverb/prefect``: a home that is kept,
+    unlike the temporary ones, so runs stay visible from one ``dereverb ui`` to the next."""
+    base = os.environ.get("DEREVERB_HOME")
+    return (Path(base).expanduser() if base else Path.home() / ".dereverb") / "prefect"
+
+
+def _read_ui_state(home: Path) -> dict | None:
+    try:
+        record = json.loads((home / UI_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("api_url"), str):
+        return None
+    if not isinstance(record.get("pid"), int) or not isinstance(
+        record.get("create_time"), int | float
+    ):
+        return None
+    return record
+
+
+def find_persistent_server(home: Path | None = None) -> str | None:
+    """The API URL of the persistent server of ``home`` if it runs and is healthy, else None.
+
+    Its ``dereverb ui`` must be the very process recorded (a dead one's pid may be reused),
+    and the API must answer: a state file left by a SIGKILLed run names neither.
+    """
+    record = _read_ui_state(home or persistent_home())
+    if record is None or _same_process(record["pid"], record["create_time"]) is None:
+        return None
+    return record["api_url"] if is_healthy(record["api_url"]) else None
+
+
+@contextlib.contextmanager
+def persistent_server(
+    port: int = DEFAULT_UI_PORT, home: Path | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run the persistent server on ``port`` for as long as the block runs; yield its watchdog
+    (which exits if the server stops by itself) and its API URL.
+
+    The server's watchdog watches this process, so the server ends with it, even if it is
+    SIGKILLed; the home (database, runs, artifacts) is kept for the next time.
+    """
+    import fcntl  # POSIX only, like the watchdog
+
+    home = home or persistent_home()
+    home.mkdir(parents=True, exist_ok=True)
+    quiet_prefect()
+    with (home / UI_LOCK_FILE).open("a+") as lock:
+        try:
+            # Released by the kernel however this process ends: a stale lock cannot exist.
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise PersistentServerError(
+                f"{home}: a `dereverb ui` (pid {holder}) is starting or stopping its server; "
+                "try again in a moment"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        if not port_is_free(port):
+            raise PersistentServerError(
+                f"--port {port}: 127.0.0.1:{port} is in use; pass another --port, or if it is "
+                f"a Prefect server of yours, export PREFECT_API_URL=http://127.0.0.1:{port}/api"
+            )
+        process, api_url = start_server(home, port)
+        try:
+            me = psutil.Process()
+            # Written only once the API answers, so a finder never gets a server still starting.
+            state = {
+                "api_url": api_url,
+                "ui_url": ui_url(api_url),
+                "pid": me.pid,
+                "create_time": me.create_time(),
+                "watchdog_pid": process.pid,
+            }
+            write_json(home / UI_STATE_FILE, state)
+            yield process, api_url
+        finally:
+            # First: a command starting now must not pick a server that is going away.
+            with contextlib.suppress(OSError):
+                (home / UI_STATE_FILE).unlink()
+            stop_server(process)
 
 
 def _flush_logs() -> None:
