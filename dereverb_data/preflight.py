@@ -94,13 +94,15 @@ def check_store_target(store_url: str) -> None:
 
 def dataset_identity(manifest: dict) -> dict:
     """What makes a store *this* dataset rather than an edit of it: its name, its seed and the
-    corpus it draws from (kind and path). Rooms, levels, limits and the rest are edits, which a
-    rebuild applies incrementally."""
+    corpus it draws from (kind, and its folder or Lhotse manifests). Rooms, levels, limits and
+    the rest are edits, which a rebuild applies incrementally."""
     corpus = manifest.get("corpus") or {}
     return {
         "name": manifest.get("name"),
         "seed": manifest.get("seed"),
-        "corpus": {k: corpus.get(k) for k in ("kind", "path") if k in corpus},
+        "corpus": {
+            k: corpus.get(k) for k in ("kind", "path", "recordings", "supervisions") if k in corpus
+        },
     }
 
 

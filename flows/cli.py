@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = command("plan", "validate a manifest and print its plan (simulates nothing)")
     plan.add_argument("manifest", help="dataset manifest (YAML)")
-    plan.add_argument("--corpus", help="corpus folder (replaces corpus.path in the manifest)")
+    plan.add_argument("--corpus", help="corpus folder (replaces a folder corpus's corpus.path)")
     plan.add_argument(
         "--show", type=_non_negative_int, default=0, metavar="N", help="print the first N examples"
     )
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = command("build", "build, resume or update a store from a manifest")
     build.add_argument("manifest", help="dataset manifest (YAML)")
     build.add_argument("--store", required=True, help="store path or URL (e.g. s3://bucket/x.zarr)")
-    build.add_argument("--corpus", help="corpus folder (replaces corpus.path in the manifest)")
+    build.add_argument("--corpus", help="corpus folder (replaces a folder corpus's corpus.path)")
     build.add_argument("--rir-cache", help="RIR bank path or URL (default: inside the store)")
     build.add_argument(
         "--workers", type=_positive_int, help="worker processes (1: in-process; default: cores)"

@@ -32,8 +32,9 @@ NOISE = ("Finished in state", "Still processing items")
 class ConsoleFilter(logging.Filter):
     """Pass warnings and errors that carry no traceback.
 
-    The run's "View at" link is INFO and dropped too: the server a command starts stops with
-    it, so the link would not open afterwards (``--debug`` shows it).
+    Prefect's "View at" line is INFO and dropped too: a command's temporary server stops with
+    it, so the link would not open afterwards; when the server outlives the command
+    (``dereverb ui``, or the user's ``PREFECT_API_URL``), ``build`` prints the run's link itself.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -22,6 +22,8 @@ else:
     _PREFECT_HOME = tempfile.mkdtemp(prefix=_HOME_PREFIX)
     atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
+# A user's persistent `dereverb ui` server (under ~/.dereverb) must not be reused by the tests.
+os.environ["DEREVERB_HOME"] = str(Path(_PREFECT_HOME) / "dereverb-home")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 for _name in ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

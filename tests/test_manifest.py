@@ -16,6 +16,7 @@ import yaml
 from dereverb_data.manifest import (
     DemoCorpus,
     FolderCorpus,
+    LhotseCorpus,
     Manifest,
     ManifestError,
     load_manifest,
@@ -64,7 +65,7 @@ def test_shipped_manifest_loads(path: Path) -> None:
     manifest = load_manifest(path)
     assert isinstance(manifest, Manifest)
     assert manifest.name
-    assert isinstance(manifest.corpus, DemoCorpus | FolderCorpus)
+    assert isinstance(manifest.corpus, DemoCorpus | FolderCorpus | LhotseCorpus)
     if isinstance(manifest.corpus, FolderCorpus):
         # The folder may not exist on this machine, but the path is resolved and absolute.
         assert Path(manifest.corpus.path).is_absolute()
