@@ -18,6 +18,16 @@ same frames):
   worker count, all competing for the same cores as in a real run (the loader is not the
   bottleneck if this equals training consumption).
 
+With ``--object-store`` it measures instead the same crops from the local store and from a
+copy of it on S3 (moto's server in its own process on 127.0.0.1, reached through
+``AWS_ENDPOINT_URL`` like any S3 endpoint), in the same run, each with the loader as it is
+("now": ``training.data.ShardReader``, one ranged GET per signal per crop, and workers that
+reopen only the arrays) and as it was ("before": plain zarr reads, the whole index read again
+by every worker), and prints crops/s, S3 requests per crop (counted from the server's request
+log, worker start-up included) and the S3/local ratios. Loopback S3 has no network latency
+but costs CPU on the same cores (the server is Python); on a real object store each request
+waits a round trip instead, so requests per crop matter more there.
+
 Goals: store / in-memory >= 0.8 (the store costs little over RAM) and store / consumption
 > 1 (the loader is never the bottleneck). Rates exclude the first batch (worker start-up and
 first-touch costs; the start-up time is printed separately). If CUDA is available, GPU
@@ -26,17 +36,26 @@ The load average is printed: on a shared machine the numbers are an order of mag
 
     python benchmarks/loader_throughput.py --store stores/demo.zarr \\
         [--crop-frames 192 --batch-size 8 --batches 50 --workers 0,2 --model bsrnn_lite]
+    python benchmarks/loader_throughput.py --store stores/demo.zarr --object-store
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import platform
+import re
 import shlex
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +66,7 @@ from torch.optim.lr_scheduler import LambdaLR
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import training.data  # noqa: E402
 from training.data import SIGNALS, CropDataset, crop_loader, decode_frames, open_store  # noqa: E402
 from training.losses import DereverbLoss  # noqa: E402
 from training.models import build_model, count_parameters  # noqa: E402
@@ -202,8 +222,12 @@ def time_training(step: TrainStep, batches, warmup: int) -> dict[str, float]:
 
 def describe_machine(device: torch.device) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu_model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu_model = names[0].strip() if names else cpu_model
     lines = [
-        f"machine   {platform.node()} {platform.machine()}, {cores} usable cores "
+        f"machine   {platform.node()} {cpu_model}, {cores} usable cores "
         f"({os.cpu_count()} logical), load average {os.getloadavg()[0]:.2f} "
         f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}",
         f"software  Python {platform.python_version()}, torch {torch.__version__} "
@@ -213,6 +237,168 @@ def describe_machine(device: torch.device) -> str:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Object store mode
+
+
+class LoopbackS3:
+    """moto's S3 server in its own process on a free 127.0.0.1 port, logging each request it
+    answers; while entered, the environment points this process and the loader workers it
+    forks at it (``AWS_ENDPOINT_URL``, dummy credentials), as it would for any S3 endpoint."""
+
+    BUCKET = "loader-benchmark"
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="loader-s3-"))
+        self.log = self.folder / "requests.log"
+
+    def __enter__(self) -> LoopbackS3:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "benchmark",
+            "AWS_SECRET_ACCESS_KEY": "benchmark",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self.saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    tail = self.log.read_text()[-2000:]
+                    raise SystemExit(f"moto server did not start: {tail}") from None
+                time.sleep(0.1)
+        import fsspec
+
+        self.fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+        self.fs.mkdir(self.BUCKET)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        with contextlib.suppress(OSError):
+            self.log.unlink()
+            self.folder.rmdir()
+
+    def requests(self) -> int:
+        """Requests answered so far (the server logs each one just after answering it)."""
+        time.sleep(0.3)
+        lines = self.log.read_text(errors="replace").splitlines()
+        return sum("HTTP/1" in line for line in lines)
+
+    def upload(self, local: str, name: str) -> str:
+        """Copy what the loader reads of a local store (not ``_build/``) into the bucket."""
+        url = f"s3://{self.BUCKET}/{name}"
+        root = url.removeprefix("s3://")
+        self.fs.put_file(f"{local}/zarr.json", f"{root}/zarr.json")
+        for part in ("index", "shard_checksums", *SIGNALS):
+            if Path(local, part).exists():
+                self.fs.put(f"{local}/{part}/", f"{root}/{part}/", recursive=True)
+        return url
+
+
+@contextlib.contextmanager
+def loader_before() -> Iterator[None]:
+    """The loader as it was before ``ShardReader``: every read through zarr (the shard's index,
+    then each chunk, one request each), and each loader worker reading the attributes and the
+    whole index again when it opens the store. Loader workers fork from this process, so they
+    run the same code."""
+    reader, reopen = training.data.ShardReader.for_array, training.data._reopen
+    training.data.ShardReader.for_array = staticmethod(lambda *args: None)  # type: ignore[method-assign]
+    training.data._reopen = lambda url, options, *known: open_store(url, options)
+    try:
+        yield
+    finally:
+        training.data.ShardReader.for_array = reader  # type: ignore[method-assign]
+        training.data._reopen = reopen
+
+
+def object_store_mode(args: argparse.Namespace, workers: list[int]) -> int:
+    """Crops/s from the local store and its S3 copy, each with the loader as it is and as it
+    was before (:func:`loader_before`)."""
+    if multiprocessing.get_start_method() != "fork":
+        raise SystemExit("--object-store needs forked loader workers (Linux)")
+    n_crops = args.batches * args.batch_size
+    with LoopbackS3() as s3:
+        t0 = time.perf_counter()
+        remote = s3.upload(args.store, "store.zarr")
+        print(
+            f"s3        {remote} on moto {s3.endpoint} (its own process), uploaded in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        before = s3.requests()
+        open_store(remote)
+        print(f"          opening the store (attributes, index): {s3.requests() - before} requests")
+        print(
+            f"crops     {n_crops} ({args.batches} batches of {args.batch_size} x "
+            f"{args.crop_frames} frames), seed {args.seed}; rates exclude the first batch; "
+            "requests/crop include worker start-up\n"
+        )
+        results: dict[tuple[str, str, int], dict[str, Any]] = {}
+        reference = None
+        for reads in ("now", "before"):
+            for n in workers:
+                for where, url in (("local", args.store), ("s3", remote)):
+                    with loader_before() if reads == "before" else contextlib.nullcontext():
+                        dataset = CropDataset(url, args.split, args.crop_frames, args.seed)
+                        loader = crop_loader(dataset, args.batch_size, 0, args.batches, n)
+                        before = s3.requests()
+                        result = time_loader(loader, keep=reference is None)
+                        requests = s3.requests() - before
+                    if reference is None:
+                        reference = result["batches"][0]
+                    first = next(iter(crop_loader(dataset, args.batch_size, 0, 1)))
+                    if not all(torch.equal(first[k], reference[k]) for k in SIGNALS):
+                        raise SystemExit(f"{where} {reads} crops differ: benchmark is broken")
+                    result["requests_per_crop"] = requests / n_crops
+                    results[(reads, where, n)] = result
+
+    print(f"{'loader':<14} {'store':<6} {'workers':>7} {'crops/s':>9} {'start-up s':>11} "
+          f"{'requests/crop':>14}")  # fmt: skip
+    for (reads, where, n), result in results.items():
+        per_crop = f"{result['requests_per_crop']:.2f}" if where == "s3" else "-"
+        print(
+            f"{reads:<14} {where:<6} {n:>7} {result['crops_per_s']:9.1f} "
+            f"{result['startup_s']:11.2f} {per_crop:>14}"
+        )
+    print(f"\n{'ratio':<52} {'value':>7}")
+    for reads in ("now", "before"):
+        for n in workers:
+            ratio = (
+                results[(reads, "s3", n)]["crops_per_s"]
+                / results[(reads, "local", n)]["crops_per_s"]
+            )
+            print(f"{f's3 / local ({reads}, {n} workers)':<52} {ratio:7.2f}")
+    for where in ("local", "s3"):
+        for n in workers:
+            gain = (
+                results[("now", where, n)]["crops_per_s"]
+                / results[("before", where, n)]["crops_per_s"]
+            )
+            print(f"{f'now / before ({where}, {n} workers)':<52} {gain:7.2f}")
+    return 0
 
 
 def describe_store(url: str, split: str) -> str:
@@ -262,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 6 batches, 3 timed training steps"
     )
+    parser.add_argument(
+        "--object-store",
+        action="store_true",
+        help="compare the local store with a copy on a loopback S3 server (moto) instead",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.train_steps, args.warmup_steps = 6, 3, 1
@@ -275,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = torch.device("cpu")
     print(describe_machine(cpu))
     print(describe_store(args.store, args.split))
+    if args.object_store:
+        return object_store_mode(args, workers)
 
     config = TrainConfig(
         model=args.model,

@@ -8,9 +8,15 @@ both win. A lock held from another host cannot be checked from here, so it is re
 message says how to break it.
 
 On local disk the lock is written to a temporary file and hard-linked into place, so it is
-never seen empty or half-written. A lock file that does not parse (left by a crash on an object
-store, or damaged) names no holder: once it is old enough not to be a write in progress, it is
-refused with a message pointing at ``--break-lock``, and taken over with it.
+never seen empty or half-written. On object stores it is one conditional PUT (``If-None-Match:
+*``, through fsspec's ``pipe_file(mode="create")``): S3 creates it only if no lock object
+exists, atomically, and a PUT is never seen half-written; filesystems without conditional
+writes fall back to fsspec's check-then-write. Either way the lock is read back and counts as
+taken only if it carries this build's token: where a server ignores the condition, the later
+of two racing PUTs wins and the earlier build sees a token that is not its own (unless it read
+back within the milliseconds before that PUT landed). A lock file that does not parse
+(damaged) names no holder: once it is old enough not to be a write in progress, it is refused
+with a message pointing at ``--break-lock``, and taken over with it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 import fsspec
 import psutil
 
+from .fsio import is_local, read_bytes, remove_file, url_to_fs
 from .store import BUILD_DIR, StoreError
 
 
@@ -63,9 +70,9 @@ def _describe(holder: dict) -> str:
 
 
 LOCK_FILE = "lock.json"
-# A lock file this young that does not parse may be a write in progress (object stores create
-# it with a plain write); older than this, it is a leftover and is reported or, with
-# --break-lock, taken over.
+# A lock file this young that does not parse may be a write in progress (the exclusive-create
+# fallbacks write it in place: no hard links, or a filesystem without conditional writes);
+# older than this, it is a leftover and is reported or, with --break-lock, taken over.
 UNREADABLE_GRACE_S = 5.0
 POLL_S = 0.2
 
@@ -106,19 +113,15 @@ def _create_local(path: str, text: str) -> bool:
             os.unlink(tmp)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, text: str) -> bool:
-    if _is_local(fs):
+    if is_local(fs):
         return _create_local(path, text)
-    # Object stores have no exclusive create; check-then-write narrows, not closes, the race.
-    if fs.exists(path):
+    # S3 (s3fs): a conditional PUT, refused with 412 (FileExistsError) if the object exists.
+    # Other fsspec filesystems: their pipe_file's create mode, at worst check-then-write.
+    try:
+        fs.pipe_file(path, text.encode(), mode="create")
+    except FileExistsError:
         return False
-    with fs.open(path, "w") as handle:
-        handle.write(text)
     return True
 
 
@@ -126,8 +129,7 @@ def _read_lock(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, dict | 
     """The lock file's bytes and its holder (None when it does not parse as one), or None when
     there is no lock file."""
     try:
-        with fs.open(path, "rb") as handle:
-            raw = handle.read()
+        raw = read_bytes(fs, path)
     except FileNotFoundError:
         return None
     try:
@@ -142,13 +144,19 @@ def _read_lock(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, dict | 
 def _age_s(fs: fsspec.AbstractFileSystem, path: str) -> float | None:
     """Seconds since the file was last written; None when the filesystem cannot say."""
     try:
-        if _is_local(fs):
+        if is_local(fs):
             return time.time() - os.stat(path).st_mtime
         return (datetime.now(UTC) - fs.modified(path)).total_seconds()
     except FileNotFoundError:
         return 0.0  # removed meanwhile: look again
     except (NotImplementedError, TypeError, OSError):
         return None
+
+
+def _holds(fs: fsspec.AbstractFileSystem, path: str, me: dict) -> bool:
+    """Whether the lock file is ours (carries our token)."""
+    found = _read_lock(fs, path)
+    return found is not None and found[1] is not None and found[1].get("token") == me["token"]
 
 
 def _describe_unreadable(raw: bytes) -> str:
@@ -164,14 +172,14 @@ def build_lock(store_url: str, break_lock: bool = False) -> Iterator[dict]:
     Raises :class:`StoreLocked` when a live build holds it, when it is held from another host
     (unless ``break_lock``), or when the lock file is unreadable (unless ``break_lock``).
     """
-    fs, root = fsspec.core.url_to_fs(store_url.rstrip("/"))
+    fs, root = url_to_fs(store_url.rstrip("/"))
     path = f"{root}/{BUILD_DIR}/{LOCK_FILE}"
     me = _me()
     takeovers = 0
     seen: tuple[bytes, float] | None = None  # an unreadable lock's bytes, first seen when
     give_up = time.monotonic() + UNREADABLE_GRACE_S + 10.0
     while True:
-        if _create_exclusive(fs, path, json.dumps(me)):
+        if _create_exclusive(fs, path, json.dumps(me)) and _holds(fs, path, me):
             break
         if time.monotonic() > give_up:  # the lock keeps changing under us
             raise StoreLocked(f"{store_url}: could not take the build lock; try again")
@@ -208,12 +216,9 @@ def build_lock(store_url: str, break_lock: bool = False) -> Iterator[dict]:
             raise StoreLocked(f"{store_url}: could not take the build lock; try again")
         again = _read_lock(fs, path)
         if again is not None and again[0] == raw:
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(path)
+            remove_file(fs, path)
     try:
         yield me
     finally:
-        mine = _read_lock(fs, path)
-        if mine is not None and mine[1] is not None and mine[1].get("token") == me["token"]:
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(path)
+        if _holds(fs, path, me):
+            remove_file(fs, path)

@@ -2,8 +2,9 @@
 
 Simulation is 100-1000x the cost of rendering, so the bank is the build's cache. Keys hash the
 room physics, the placement, the sample rate, the simulation settings and the simulator version;
-a changed room distribution simulates only new specs. Entries are written to a temporary name
-and renamed, so a crash never leaves a half-written RIR that looks complete.
+a changed room distribution simulates only new specs. Entries are written atomically (a
+temporary name renamed into place, or one PUT on object stores), so a crash never leaves a
+half-written RIR that looks complete.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
-import fsspec
 import numpy as np
 
 from .acoustics import RirLabels, measure_rir
-from .fsio import write_atomic
+from .fsio import read_bytes, url_to_fs, write_atomic
 from .manifest import OCTAVE_BANDS_HZ, Simulation
 from .rooms import SURFACES, Placement, RoomSpec
 from .seeds import derive_seed, stable_hash
@@ -190,7 +190,7 @@ class RirBank:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = url_to_fs(self.url)
 
     def _path(self, kind: str, key: str, suffix: str) -> str:
         return f"{self.root}/{kind}/{key[:2]}/{key}{suffix}"
@@ -199,9 +199,10 @@ class RirBank:
         return self.fs.exists(self._path("rir", rir_id, ".npz"))
 
     def load_rir(self, rir_id: str) -> tuple[np.ndarray, dict]:
-        with self.fs.open(self._path("rir", rir_id, ".npz"), "rb") as handle:
-            archive = np.load(io.BytesIO(handle.read()), allow_pickle=False)
-            return archive["rir"], json.loads(str(archive["labels"]))
+        """The banked RIR and its labels; ``FileNotFoundError`` when it is not banked."""
+        payload = read_bytes(self.fs, self._path("rir", rir_id, ".npz"))
+        archive = np.load(io.BytesIO(payload), allow_pickle=False)
+        return archive["rir"], json.loads(str(archive["labels"]))
 
     def save_rir(self, rir_id: str, rir: np.ndarray, labels: dict) -> None:
         buffer = io.BytesIO()
@@ -209,11 +210,11 @@ class RirBank:
         write_atomic(self.fs, self._path("rir", rir_id, ".npz"), buffer.getvalue())
 
     def load_calibration(self, room_key: str) -> Calibration | None:
-        path = self._path("room", room_key, ".json")
-        if not self.fs.exists(path):
+        try:
+            payload = read_bytes(self.fs, self._path("room", room_key, ".json"))
+        except FileNotFoundError:
             return None
-        with self.fs.open(path, "r") as handle:
-            return Calibration(**json.load(handle))
+        return Calibration(**json.loads(payload))
 
     def save_calibration(self, room_key: str, calibration: Calibration) -> None:
         payload = json.dumps(asdict(calibration), sort_keys=True).encode()
@@ -279,9 +280,11 @@ def place_in_range(
 def get_or_simulate(bank: RirBank, spec: RirSpec) -> tuple[np.ndarray, dict, bool]:
     """The RIR and its labels, simulating (and calibrating the room) only when missing."""
     rir_id = spec.rir_id
-    if bank.has_rir(rir_id):
+    try:  # one read rather than exists() and a read: a request less on object stores
         rir, labels = bank.load_rir(rir_id)
         return rir, labels, False
+    except FileNotFoundError:
+        pass
     calibration, _ = get_or_calibrate(bank, spec)
     scale, rir, measured = place_in_range(spec, calibration.scale)
     method, order = spec.method(scale)

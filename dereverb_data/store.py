@@ -15,7 +15,6 @@ its checksum written under ``_build/shards/``. A crashed build redoes shards wit
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -24,12 +23,11 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from .fsio import write_atomic
+from .fsio import read_bytes, remove_file, url_to_fs, write_atomic
 from .plan import Plan
 
 FORMAT = "dereverb-store"
@@ -66,9 +64,11 @@ def open_store_group(url: str, mode: str = "r") -> zarr.Group:
     """
     url = url.rstrip("/")
     try:
-        return zarr.open_group(url, mode=mode)
+        # zarr_format=3: the store is zarr v3; without it zarr first looks for v2 metadata
+        # (.zgroup, .zattrs, .zmetadata: six requests on an object store, on every open).
+        return zarr.open_group(url, mode=mode, zarr_format=3)
     except Exception as exc:
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = url_to_fs(url)
         if not fs.exists(f"{root}/zarr.json"):
             raise StoreError(
                 f"{url}: no zarr.json at the store root: not a dereverb store, or its root "
@@ -89,7 +89,7 @@ def open_store_node(
     try:
         return group[name]
     except Exception as exc:
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = url_to_fs(url)
         meta = f"{group.path}/{name}".strip("/") + "/zarr.json"
         if not fs.exists(f"{root}/{meta}"):
             problem = f"{name} is missing (no {meta})"
@@ -170,7 +170,7 @@ class DatasetStore:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = url_to_fs(self.url)
 
     # -- creation ---------------------------------------------------------------------------
     def prepare(self, plan: Plan) -> None:
@@ -252,8 +252,8 @@ class DatasetStore:
         write_atomic(self.fs, f"{self.root}/{relative}", text.encode())
 
     def read_text(self, relative: str) -> str:
-        with self.fs.open(f"{self.root}/{relative}", "r") as handle:
-            return handle.read()
+        """The file's text; ``FileNotFoundError`` when it is absent."""
+        return read_bytes(self.fs, f"{self.root}/{relative}").decode()
 
     def load_plan(self) -> Plan:
         return Plan.from_json(self.read_text(f"{BUILD_DIR}/plan.json"))
@@ -262,18 +262,17 @@ class DatasetStore:
         return f"{BUILD_DIR}/shards/{shard_id:06d}.json"
 
     def marker(self, shard_id: int) -> ShardMarker | None:
-        path = self._marker_path(shard_id)
-        if not self.fs.exists(f"{self.root}/{path}"):
-            return None
+        # One read, no exists() first: a request less per shard on object stores, and no
+        # window in which the marker is removed between the two.
         try:
-            return ShardMarker(**json.loads(self.read_text(path)))
+            return ShardMarker(**json.loads(self.read_text(self._marker_path(shard_id))))
+        except FileNotFoundError:
+            return None
         except (ValueError, TypeError):
             return None  # an unreadable marker vouches for nothing: the shard is redone
 
     def remove_marker(self, shard_id: int) -> None:
-        path = f"{self.root}/{self._marker_path(shard_id)}"
-        if self.fs.exists(path):
-            self.fs.rm(path)
+        remove_file(self.fs, f"{self.root}/{self._marker_path(shard_id)}")
 
     def shard_is_done(self, shard_id: int, fingerprint: str) -> bool:
         marker = self.marker(shard_id)
@@ -322,8 +321,7 @@ class DatasetStore:
         self.remove_marker(shard_id)
         for array in arrays:
             for key in shard_keys(array, frame_start // shard_frames):
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(f"{self.root}/{array.path}/{key}")
+                remove_file(self.fs, f"{self.root}/{array.path}/{key}")
         arrays[0][frame_start:stop] = reverberant
         arrays[1][frame_start:stop] = clean
         self.write_labels(shard_id, labels)
@@ -332,7 +330,7 @@ class DatasetStore:
         return marker
 
     def read_shard(self, frame_start: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
-        group = zarr.open_group(self.url, mode="r")
+        group = zarr.open_group(self.url, mode="r", zarr_format=3)
         stop = frame_start + frames
         return group["reverberant"][frame_start:stop], group["clean"][frame_start:stop]
 
