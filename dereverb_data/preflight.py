@@ -12,9 +12,8 @@ import json
 import os
 from pathlib import Path
 
-import fsspec
-
 from .corpus import AudioError
+from .fsio import read_bytes, url_to_fs
 from .manifest import LHOTSE_MISSING, FolderCorpus, LhotseCorpus, Manifest, lhotse_installed
 from .store import BUILD_DIR, StoreError
 
@@ -108,13 +107,11 @@ def dataset_identity(manifest: dict) -> dict:
 
 def stored_manifest(store_url: str) -> dict | None:
     """The manifest the store was last planned from, or None for a new (or empty) store."""
-    fs, root = fsspec.core.url_to_fs(store_url.rstrip("/"))
-    path = f"{root}/{BUILD_DIR}/plan.json"
-    if not fs.exists(path):
-        return None
+    fs, root = url_to_fs(store_url.rstrip("/"))  # no listings cache: see fsio
     try:
-        with fs.open(path, "r") as handle:
-            return json.load(handle)["manifest"]
+        return json.loads(read_bytes(fs, f"{root}/{BUILD_DIR}/plan.json"))["manifest"]
+    except FileNotFoundError:
+        return None
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreError(
             f"{store_url}: its build plan ({BUILD_DIR}/plan.json) is unreadable ({exc}); "
