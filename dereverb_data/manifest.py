@@ -19,8 +19,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -288,10 +290,32 @@ def eyring_rt60(dims: tuple[float, float, float], absorption: float) -> float:
     return 0.161 * volume / (-surface * math.log(1.0 - absorption))
 
 
-class Simulation(_Strict):
-    """``auto`` uses the image method for short tails and ISM + ray tracing above a threshold."""
+class DiffuseSettings(_Strict):
+    """``method: diffuse`` (``dereverb_data/diffuse_rir.py``): exact image sources up to a mixing
+    time, then Gaussian noise decaying per octave band at the room's statistical RT60."""
 
-    method: Literal["auto", "ism", "hybrid"] = "auto"
+    mixing_time_ms: float | None = Field(
+        None,
+        ge=5,
+        le=100,
+        description="where the noise tail takes over; default: when 128 image sources are "
+        "expected to have arrived, (3 V 128 / (4 pi c^3))^(1/3), about 25-60 ms",
+    )
+    rt60_formula: Literal["eyring", "sabine"] = "eyring"
+    air_absorption: bool = Field(True, description="ISO 9613-1 at 20 C, 50 % RH, per band")
+    calibrate_to: Literal["broadband_t30", "mid_band"] = Field(
+        "broadband_t30",
+        description="what the room's RT60 target means: the broadband T30 the labels measure "
+        "(expected value at the reference placement, as the other methods' calibration), or the "
+        "mean of the 500 Hz and 1 kHz band RT60s",
+    )
+
+
+class Simulation(_Strict):
+    """``auto`` uses the image method for short tails and ISM + ray tracing above a threshold;
+    ``diffuse`` uses early image sources plus a stochastic tail (settings in ``diffuse``)."""
+
+    method: Literal["auto", "ism", "hybrid", "diffuse"] = "auto"
     hybrid_above_rt60_s: float = Field(0.25, gt=0)
     ism_order_hybrid: int = Field(3, ge=0, le=20)
     n_rays: int = Field(2000, ge=100)
@@ -300,6 +324,38 @@ class Simulation(_Strict):
     )
     calibration_iterations: int = Field(3, ge=0, le=10)
     rt60_tolerance: float = Field(0.08, gt=0, lt=0.5)
+    # None unless method is diffuse, and then left out of dumps: the dump is hashed into every
+    # RIR id and the manifest digest, so existing manifests must dump exactly as before.
+    diffuse: DiffuseSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _diffuse_defaults(cls, data: Any) -> Any:
+        # ``method: diffuse`` with and without an empty ``diffuse:`` is the same simulation:
+        # fill the defaults so both dump, and hash, the same.
+        if (
+            isinstance(data, dict)
+            and data.get("method") == "diffuse"
+            and data.get("diffuse") is None
+        ):
+            data = {**data, "diffuse": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _diffuse_only_for_diffuse(self) -> Simulation:
+        if self.diffuse is not None and self.method != "diffuse":
+            raise ValueError(
+                f"diffuse: settings only meaningful with method 'diffuse' (method is "
+                f"{self.method!r})"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.diffuse is None:
+            data.pop("diffuse", None)
+        return data
 
 
 class Target(_Strict):
