@@ -176,8 +176,15 @@ ROOM_SECONDS_PER_RT60_S = 0.4
 RENDER_SECONDS_PER_AUDIO_S = 0.005
 
 
+# The diffuse method (benchmarks/rir_methods.py): about 10 ms per RIR with its calibration,
+# nearly independent of the RT60.
+ROOM_SECONDS_PER_DIFFUSE_RIR = 0.01
+
+
 def room_cost(plan: Plan, room_id: str, rir_ids: Sequence[str]) -> float:
     """Estimated CPU seconds to simulate a room's RIRs."""
+    if plan.manifest.simulation.method == "diffuse":
+        return ROOM_SECONDS_PER_DIFFUSE_RIR * len(rir_ids)
     rt60 = plan.rooms[room_id].target_rt60 or 0.5
     return ROOM_SECONDS_PER_RT60_S * rt60 * len(rir_ids)
 

@@ -32,6 +32,16 @@ def simulator_version() -> str:
     return f"pyroomacoustics-{pyroomacoustics.__version__}+dereverb{SIMULATOR_REVISION}"
 
 
+def version_for(simulation: Simulation) -> str:
+    """The simulator version an RIR depends on: a pyroomacoustics upgrade must not re-simulate
+    diffuse RIRs (our own code), nor a change of ours re-simulate pyroomacoustics ones."""
+    if simulation.method == "diffuse":
+        from .diffuse_rir import diffuse_version
+
+        return diffuse_version()
+    return simulator_version()
+
+
 class SimulationError(RuntimeError):
     """The simulator cannot produce an RIR for this spec."""
 
@@ -51,7 +61,7 @@ class RirSpec:
                 asdict(self.placement),
                 self.sample_rate,
                 self.simulation.model_dump(mode="json"),
-                simulator_version(),
+                version_for(self.simulation),
             ],
             length=20,
         )
@@ -59,6 +69,8 @@ class RirSpec:
     def method(self, absorption_scale: float) -> tuple[str, int]:
         """Which simulator and ISM order: pure ISM at the order the tail needs, or hybrid."""
         sim = self.simulation
+        if sim.method == "diffuse":
+            return "diffuse", 0  # image sources up to the mixing time, whatever their order
         if sim.method == "hybrid":
             return "hybrid", sim.ism_order_hybrid
         order = _ism_order(self.room, absorption_scale)
@@ -111,6 +123,10 @@ def simulate(
     With ``placement`` (calibration) the seed depends on the room only, not on which of its
     placements asked first, so a room calibrates the same in any build order.
     """
+    if spec.simulation.method == "diffuse":
+        from .diffuse_rir import simulate_diffuse
+
+        return simulate_diffuse(spec, absorption_scale, placement)
     import pyroomacoustics as pra
 
     os.environ.setdefault("PRA_NUM_THREADS", "1")
@@ -165,6 +181,12 @@ def calibrate_room(spec: RirSpec) -> Calibration:
     if room.target_rt60 is None:
         rir = simulate(spec, 1.0, reference_placement(room))
         return Calibration(1.0, measure_rir(rir, spec.sample_rate).rt60_t30, 0)
+    if spec.simulation.method == "diffuse":  # the decay is set by construction: closed form
+        from .diffuse_rir import diffuse_absorption_scale
+
+        scale = diffuse_absorption_scale(spec)
+        rir = simulate(spec, scale, reference_placement(room))
+        return Calibration(scale, measure_rir(rir, spec.sample_rate).rt60_t30, 0)
     lx, ly, lz = room.dims
     volume, surface = lx * ly * lz, 2 * (lx * ly + lx * lz + ly * lz)
     mean_mid = float(np.mean([np.mean(c[2:4]) for c in room.absorption]))
@@ -231,7 +253,7 @@ def calibration_key(spec: RirSpec) -> str:
             spec.room.spec_hash,
             spec.sample_rate,
             spec.simulation.model_dump(mode="json"),
-            simulator_version(),
+            version_for(spec.simulation),
         ],
         length=20,
     )
@@ -298,7 +320,7 @@ def get_or_simulate(bank: RirBank, spec: RirSpec) -> tuple[np.ndarray, dict, boo
         "room_absorption_scale": calibration.scale,
         "simulation": method,
         "ism_order": order,
-        "simulator": simulator_version(),
+        "simulator": version_for(spec.simulation),
     }
     bank.save_rir(rir_id, rir, labels)
     return rir, labels, True
