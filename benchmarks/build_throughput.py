@@ -4,11 +4,15 @@ Naive baseline (what researchers glue together today): for every variant, a fres
 pyroomacoustics room from ``inverse_sabine`` simulated with the pure image method at the order
 it suggests, ``fftconvolve``, ``scipy.signal.stft`` of input and target, ``np.save`` per example.
 
-Ours: the same corpus and RT60 range (0.3-1.2 s) and variants per utterance, built
-(a) serially in one process without Prefect (``build_serial``), and (b) by the Prefect flow on
-a LocalCluster of 2 Dask worker processes (server already running, cluster start included).
+Ours: the same corpus and RT60 range (0.3-1.2 s unless ``--rt60``) and variants per
+utterance, built (a) serially in one process without Prefect, once per ``--method`` (the
+library's steps in a plain loop), and (b) by the Prefect flow on a LocalCluster of 2 Dask worker
+processes (server already running, cluster start included) with the first method.
 
     python benchmarks/build_throughput.py [--speakers 4 --utterances 3 --variants 6]
+    python benchmarks/build_throughput.py --method auto --method diffuse --skip-flow
+    python benchmarks/build_throughput.py --rt60 0.3 3.0 --method hybrid --method diffuse \
+        --skip-naive --skip-flow   # pure ISM per variant at 3 s would need hours and GBs
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from dereverb_data.manifest import parse_manifest  # noqa: E402
 from dereverb_data.plan import make_plan  # noqa: E402
 
 
-def manifest_dict(speakers: int, utterances: int, variants: int) -> dict:
+def manifest_dict(
+    speakers: int,
+    utterances: int,
+    variants: int,
+    method: str = "auto",
+    rt60: tuple[float, float] = (0.3, 1.2),
+) -> dict:
     return {
         "name": "bench",
         "seed": 7,
@@ -51,9 +61,10 @@ def manifest_dict(speakers: int, utterances: int, variants: int) -> dict:
             "length_m": [4.0, 8.0],
             "width_m": [3.0, 6.0],
             "height_m": [2.5, 3.5],
-            "rt60_s": [0.3, 1.2],
+            "rt60_s": list(rt60),
             "distance_m": [0.7, 2.5],
         },
+        "simulation": {"method": method},
         "storage": {"frames_per_chunk": 256, "frames_per_shard": 2048},
         "splits": {"train": 0.5, "valid": 0.25, "test": 0.25},
     }
@@ -137,24 +148,47 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-flow", action="store_true")
+    parser.add_argument("--skip-naive", action="store_true", help="no naive baseline")
+    parser.add_argument(
+        "--method",
+        action="append",
+        choices=["auto", "ism", "hybrid", "diffuse"],
+        help="simulation method(s) of the serial builds (default: auto)",
+    )
+    parser.add_argument("--rt60", type=float, nargs=2, default=(0.3, 1.2), metavar=("LOW", "HIGH"))
     args = parser.parse_args()
-    data = manifest_dict(args.speakers, args.utterances, args.variants)
+    methods = args.method or ["auto"]
+    rt60 = tuple(args.rt60)
+    data = manifest_dict(args.speakers, args.utterances, args.variants, methods[0], rt60)
     manifest = parse_manifest(data)
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         tmp_path = Path(tmp)
         n_examples = len(make_plan(manifest, scan_corpus(manifest.corpus, 16000)[0]).examples)
         print(
             f"corpus: {args.speakers} speakers x {args.utterances} utterances x "
-            f"{args.variants} variants = {n_examples} examples, RT60 0.3-1.2 s"
+            f"{args.variants} variants = {n_examples} examples, RT60 {rt60[0]}-{rt60[1]} s"
         )
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} cores, "
             f"python {platform.python_version()}"
         )
 
-        naive_s, naive_t = naive_build(manifest, tmp_path / "naive")
-        ours_s, ours_t, report = our_serial_build(manifest, str(tmp_path / "serial.zarr"))
-        rows = [("naive (ISM per variant, np.save)", naive_s), ("ours, serial (1 process)", ours_s)]
+        rows = []
+        naive_t: Counter[str] = Counter()
+        if not args.skip_naive:
+            naive_s, naive_t = naive_build(manifest, tmp_path / "naive")
+            rows.append(("naive (ISM per variant, np.save)", naive_s))
+        reports = {}
+        ours_t: Counter[str] = Counter()
+        for method in methods:
+            built = parse_manifest(manifest_dict(*vars_of(args), method, rt60))
+            seconds, timing, reports[method] = our_serial_build(
+                built, str(tmp_path / f"serial-{method}.zarr")
+            )
+            rows.append((f"ours, serial, {method} (1 process)", seconds))
+            if method == methods[0]:
+                ours_t = timing
+            print(f"  {method}: RIRs {timing['rir']:.2f} s of {seconds:.2f} s")
         if not args.skip_flow:
             path = tmp_path / "bench.yaml"
             path.write_text(yaml.safe_dump(data))
@@ -164,20 +198,27 @@ def main() -> None:
                 flow_s = our_flow_build(str(path), str(tmp_path / "flow.zarr"), args.workers)
             rows.append((f"ours, Prefect flow + {args.workers} Dask workers", flow_s))
 
-        print(f"\n{'build':<44} {'seconds':>8} {'examples/s':>11} {'vs naive':>9}")
+        base_name, base_s = rows[0]
+        print(f"\n{'build':<44} {'seconds':>8} {'examples/s':>11} {'vs first':>9}")
         for name, seconds in rows:
             print(
-                f"{name:<44} {seconds:8.2f} {n_examples / seconds:11.2f} {naive_s / seconds:8.1f}x"
+                f"{name:<44} {seconds:8.2f} {n_examples / seconds:11.2f} {base_s / seconds:8.1f}x"
             )
-        print("\nper-stage seconds (naive | ours serial)")
+        print(f"(vs first: against '{base_name}', in this run)")
+        print(f"\nper-stage seconds (naive | ours serial, {methods[0]})")
         for stage in ("rir", "rir load", "convolution", "stft", "write", "plan", "finalize"):
             print(f"  {stage:<20} {naive_t.get(stage, 0.0):8.2f} | {ours_t.get(stage, 0.0):8.2f}")
-        summary = report["summary"]
-        print(
-            f"\nours: {summary['unique_rirs']} unique RIRs for {n_examples} examples; measured "
-            f"RT60 in range: {summary['rt60_in_requested_range']:.0%}; "
-            f"rt60_t30 {json.dumps(summary['rt60_t30_s'])}"
-        )
+        for method, report in reports.items():
+            summary = report["summary"]
+            print(
+                f"\nours, {method}: {summary['unique_rirs']} unique RIRs for {n_examples} "
+                f"examples; measured RT60 in range: {summary['rt60_in_requested_range']:.0%}; "
+                f"rt60_t30 {json.dumps(summary['rt60_t30_s'])}"
+            )
+
+
+def vars_of(args: argparse.Namespace) -> tuple[int, int, int]:
+    return args.speakers, args.utterances, args.variants
 
 
 if __name__ == "__main__":
