@@ -35,6 +35,7 @@ __all__ = [
     "MAX_DIRECT_GAIN_DB",
     "MAX_LENGTHEN_FACTOR",
     "MIN_SHORTEN_FACTOR",
+    "TARGET_TOLERANCE",
     "change_decay",
     "change_drr",
     "draw_augmentation",
@@ -60,6 +61,9 @@ MAX_LENGTHEN_FACTOR = 2.0
 
 #: ... and to shorten it below this factor (the late part would be mostly gone).
 MIN_SHORTEN_FACTOR = 0.25
+
+#: :func:`change_decay` raises if the result's T30 is further than this (relative) from the target.
+TARGET_TOLERANCE = 0.02
 
 #: :func:`change_decay` fades each band out (over ``_FADE_MS``) once its *new* modelled decay
 #: has fallen this many dB. Below it there is nothing a measure can see, only whatever floor
@@ -239,7 +243,7 @@ def change_decay(
     max_factor: float = MAX_LENGTHEN_FACTOR,
     min_factor: float = MIN_SHORTEN_FACTOR,
 ) -> np.ndarray:
-    """A copy of ``rir`` whose measured T30 is ``target_rt60_s`` (within about 1 %).
+    """A copy of ``rir`` whose measured T30 is ``target_rt60_s`` (within 2 %, usually 0.5 %).
 
     The late part -- from ``LATE_OFFSET_MS`` after the direct window on -- is multiplied by
     ``exp(-t * (6.91 / T_new - 6.91 / T_old))`` (``t`` from the start of the late part, so the
@@ -268,14 +272,16 @@ def change_decay(
     measured RIR whose floor is higher than -100 dB should be truncated at its floor first
     (e.g. where a Lundeby-style estimate says the Schroeder curve flattens), or only shortened.
 
-    The output keeps the input's length, so a lengthened decay must fit in it for T30 to be
-    measurable (if not, the result of the first step is returned, unrefined).
+    The output keeps the input's length (nothing is synthesised past its end), so a lengthened
+    decay must fit in it: ISO-style T30 needs 45 dB of the *new* decay inside the RIR. If the
+    result's T30 is unmeasurable or off by more than ``TARGET_TOLERANCE`` (2 %), it raises.
 
     Returns a float64 array of the input's length.
 
     Raises:
         ValueError: for a bad RIR/rate/target; when the RIR's decay cannot be measured; when
-            ``target / T_old`` is outside ``[min_factor, max_factor]``.
+            ``target / T_old`` is outside ``[min_factor, max_factor]``; when the result misses
+            the target (RIR too short for the lengthened decay).
     """
     h = _as_rir(rir)
     fs = _check_fs(sample_rate)
@@ -330,6 +336,16 @@ def change_decay(
             break
         factor *= target / measured
         out = apply(factor)
+    measured = _rt(out, fs, decay_db=30.0)
+    # Refuse rather than return an RIR whose T30 label would not be the target: typically a
+    # lengthened decay that no longer fits in the RIR (its T30 becomes unmeasurable/biased).
+    if not math.isfinite(measured) or abs(measured / target - 1.0) > TARGET_TOLERANCE:
+        got = "unmeasurable (nan)" if not math.isfinite(measured) else f"{measured:.3f} s"
+        raise ValueError(
+            f"cannot reach T30 {target:.3f} s from {t_old:.3f} s: the result's T30 is {got}; "
+            f"the RIR ({h.size / fs:.2f} s) is probably too short to hold the new decay "
+            f"(simulate a longer RIR or lengthen less)"
+        )
     return out
 
 
