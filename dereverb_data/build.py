@@ -27,6 +27,7 @@ from .corpus import AudioError, load_utterance, scan_corpus
 from .inspect import distribution
 from .lock import build_lock
 from .manifest import Manifest
+from .measured_rirs import ROOM_PREFIX, MeasuredRirSpec, scan_measured
 from .plan import Plan, make_plan
 from .preflight import check_same_dataset
 from .render import render_pair
@@ -82,7 +83,12 @@ def prepare_build(manifest: Manifest, store_url: str, replace: bool = False) -> 
     store = DatasetStore(store_url)
     cache = _read_scan_cache(store)
     utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
-    plan = make_plan(manifest, utterances, quarantined)
+    measured = None
+    if manifest.rooms.measured is not None:
+        # Bad RIR files join the corpus's quarantine list; the build goes on without them.
+        measured, bad_rirs = scan_measured(manifest.rooms.measured, manifest.sample_rate)
+        quarantined = [*quarantined, *bad_rirs]
+    plan = make_plan(manifest, utterances, quarantined, measured)
     if not plan.examples:
         raise AudioError(
             f"no usable utterances: {len(quarantined)} file(s) quarantined, e.g. "
@@ -179,10 +185,14 @@ RENDER_SECONDS_PER_AUDIO_S = 0.005
 # The diffuse method (benchmarks/rir_methods.py): about 10 ms per RIR with its calibration,
 # nearly independent of the RT60.
 ROOM_SECONDS_PER_DIFFUSE_RIR = 0.01
+# A measured RIR is read, resampled and measured, not simulated.
+ROOM_SECONDS_PER_MEASURED_RIR = 0.02
 
 
 def room_cost(plan: Plan, room_id: str, rir_ids: Sequence[str]) -> float:
     """Estimated CPU seconds to simulate a room's RIRs."""
+    if rir_ids and isinstance(plan.rirs[rir_ids[0]], MeasuredRirSpec):
+        return ROOM_SECONDS_PER_MEASURED_RIR * len(rir_ids)
     if plan.manifest.simulation.method == "diffuse":
         return ROOM_SECONDS_PER_DIFFUSE_RIR * len(rir_ids)
     rt60 = plan.rooms[room_id].target_rt60 or 0.5
@@ -427,9 +437,12 @@ def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) 
     manifest = plan.manifest
     rt60 = index["rt60_t30"]
     in_range = None
-    if manifest.rooms.rt60_s is not None:
+    # Measured rooms have the RT60 they have: only simulated examples are held to rt60_s.
+    simulated = ~np.char.startswith(index["room_id"].astype(str), ROOM_PREFIX)
+    if manifest.rooms.rt60_s is not None and simulated.any():
         low, high = manifest.rooms.rt60_s
-        in_range = round(float(np.mean((rt60 >= low) & (rt60 <= high))), 4)
+        within = (rt60[simulated] >= low) & (rt60[simulated] <= high)
+        in_range = round(float(np.mean(within)), 4)
     summary = {
         **plan.summary(),
         "rt60_t30_s": distribution(rt60),

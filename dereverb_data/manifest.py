@@ -185,6 +185,30 @@ class Absorption(_Strict):
         return self
 
 
+class MeasuredRirs(_Strict):
+    """A folder of measured RIRs used as rooms (``dereverb_data/measured_rirs.py``).
+
+    Each file is one measurement (any rate and channel count); ``room`` reads the room name
+    from its path as the corpus ``speaker`` rule reads a speaker, and each measured room is
+    assigned to one split by hash, so splits are room-disjoint. ``share`` is the fraction of a
+    split's examples that use a measured RIR (the rest use simulated rooms).
+    """
+
+    path: str = Field(min_length=1, description="folder of RIR files (relative: to the manifest)")
+    pattern: str = Field("**/*.wav|**/*.flac", description="glob relative to path; several: 'a|b'")
+    channels: Literal["first", "each"] = Field(
+        "first", description="first: channel 0 only (W of B-format); each: every channel an RIR"
+    )
+    room: SpeakerRule = SpeakerRule()
+    share: dict[Literal["train", "valid", "test"], Annotated[float, Field(ge=0, le=1)]] = {}
+    min_length_s: float = Field(
+        0.1, gt=0, description="shortest RIR kept, after trimming to the direct path"
+    )
+    pre_direct_ms: float = Field(
+        2.5, ge=0, le=20, description="kept before the direct-path peak; earlier samples cut"
+    )
+
+
 class Rooms(_Strict):
     rooms_per_split: dict[Literal["train", "valid", "test"], int] = {
         "train": 8,
@@ -201,6 +225,16 @@ class Rooms(_Strict):
     mic_height_m: tuple[PositiveFloat, PositiveFloat] = (0.8, 1.5)
     distance_m: tuple[PositiveFloat, PositiveFloat] = (0.5, 3.0)
     wall_margin_m: float = Field(0.5, ge=0.05)
+    # None unless given, and then left out of dumps: the dump is hashed into the manifest
+    # digest, so existing manifests must dump exactly as before.
+    measured: MeasuredRirs | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.measured is None:
+            data.pop("measured", None)
+        return data
 
     @field_validator(
         "length_m",
@@ -463,6 +497,14 @@ class Manifest(_Strict):
                 raise ValueError(
                     f"rooms.rooms_per_split: split {split!r} has a fraction but no rooms"
                 )
+        measured = self.rooms.measured
+        if measured is not None:
+            for split, share in measured.share.items():
+                if share > 0 and split not in self.splits.fractions():
+                    raise ValueError(
+                        f"rooms.measured.share: split {split!r} has a share but no examples "
+                        f"(splits.{split} is 0)"
+                    )
         longest_delay_ms = 1000 * self.rooms.distance_m[1] / SPEED_OF_SOUND + 10.0
         if self.render.tail_ms < longest_delay_ms:
             raise ValueError(
@@ -577,7 +619,13 @@ def load_manifest(path: str | Path, corpus_path: str | None = None) -> Manifest:
         if corpus.supervisions is not None:
             update["supervisions"] = _beside(path, corpus.supervisions)
         corpus = corpus.model_copy(update=update)
-    return manifest.model_copy(update={"corpus": corpus})
+    update = {"corpus": corpus}
+    if manifest.rooms.measured is not None:
+        # Like corpus.path: a relative RIR folder starts at the manifest, not the working dir.
+        measured = manifest.rooms.measured
+        measured = measured.model_copy(update={"path": _beside(path, measured.path)})
+        update["rooms"] = manifest.rooms.model_copy(update={"measured": measured})
+    return manifest.model_copy(update=update)
 
 
 def _beside(manifest_path: Path, value: str) -> str:

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .corpus import Quarantined, Utterance
+from .corpus import AudioError, Quarantined, Utterance
 from .manifest import SPLIT_NAMES, Manifest
+from .measured_rirs import ROOM_PREFIX, MeasuredRir, MeasuredRirSpec, MeasuredRoom
 from .rir_bank import RirSpec
 from .rooms import Placement, RoomSpec, sample_placement, sample_room
 from .seeds import derive_seed, rng_for, stable_hash
@@ -54,10 +55,13 @@ class Plan:
     utterances: dict[str, Utterance]
     quarantined: list[Quarantined]
     rooms: dict[str, RoomSpec]
-    rirs: dict[str, RirSpec]
+    rirs: dict[str, RirSpec | MeasuredRirSpec]
     examples: list[Example]
     shards: list[Shard]
     speaker_splits: dict[str, str] = field(default_factory=dict)
+    # The measured-RIR pool (every usable RIR, used or not) and each measured room's split.
+    measured: list[MeasuredRir] = field(default_factory=list)
+    measured_room_splits: dict[str, str] = field(default_factory=dict)
 
     @property
     def stft(self) -> StftConfig:
@@ -78,14 +82,14 @@ class Plan:
 
     def to_json(self) -> str:
         """What is needed to rebuild the plan: manifest and corpus scan (rest is derived)."""
-        return json.dumps(
-            {
-                "manifest": self.manifest.model_dump(mode="json"),
-                "utterances": [u.to_dict() for u in self.utterances.values()],
-                "quarantined": [asdict(q) for q in self.quarantined],
-            },
-            sort_keys=True,
-        )
+        data = {
+            "manifest": self.manifest.model_dump(mode="json"),
+            "utterances": [u.to_dict() for u in self.utterances.values()],
+            "quarantined": [asdict(q) for q in self.quarantined],
+        }
+        if self.manifest.rooms.measured is not None:  # absent otherwise: plans read as before
+            data["measured"] = [m.to_dict() for m in self.measured]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -93,11 +97,21 @@ class Plan:
         manifest = Manifest.model_validate(data["manifest"])
         utterances = [Utterance(**{**u, "flags": tuple(u["flags"])}) for u in data["utterances"]]
         quarantined = [Quarantined(**q) for q in data["quarantined"]]
-        return make_plan(manifest, utterances, quarantined)
+        measured = [MeasuredRir(**m) for m in data.get("measured", [])]
+        return make_plan(manifest, utterances, quarantined, measured)
 
     def summary(self) -> dict:
         per_split = Counter(e.split for e in self.examples)
         seconds = sum(e.num_samples for e in self.examples) / self.manifest.sample_rate
+        extra = {}
+        if self.manifest.rooms.measured is not None:  # absent otherwise: reports as before
+            measured = Counter(e.split for e in self.examples if e.room_id.startswith(ROOM_PREFIX))
+            extra = {
+                "measured_rooms_per_split": dict(
+                    sorted(Counter(self.measured_room_splits.values()).items())
+                ),
+                "measured_examples_per_split": dict(sorted(measured.items())),
+            }
         return {
             "examples": len(self.examples),
             "examples_per_split": dict(sorted(per_split.items())),
@@ -109,6 +123,7 @@ class Plan:
             "shards": len(self.shards),
             "frames": self.n_frames,
             "quarantined": len(self.quarantined),
+            **extra,
         }
 
 
@@ -117,8 +132,29 @@ def assign_speaker_splits(speakers: list[str], manifest: Manifest) -> dict[str, 
 
     Every split with a positive fraction gets at least one speaker when there are enough.
     """
+    return _hash_splits(speakers, manifest.splits.fractions(), manifest.seed, "speaker")
+
+
+def assign_measured_room_splits(rooms: list[str], manifest: Manifest) -> dict[str, str]:
+    """Room-disjoint measured pools: each measured room goes to one of the splits with a
+    positive ``share``, by hash, in proportion to the splits' fractions (as speakers are)."""
+    config = manifest.rooms.measured
+    if config is None:
+        return {}
     fractions = manifest.splits.fractions()
-    order = sorted(speakers, key=lambda s: derive_seed(manifest.seed, "speaker", s))
+    wanted = {s: fractions[s] for s in fractions if config.share.get(s, 0.0) > 0}
+    if not wanted:
+        return {}
+    total = sum(wanted.values())
+    return _hash_splits(
+        rooms, {s: f / total for s, f in wanted.items()}, manifest.seed, "measured_room"
+    )
+
+
+def _hash_splits(
+    items: list[str], fractions: dict[str, float], seed: int, what: str
+) -> dict[str, str]:
+    order = sorted(items, key=lambda s: derive_seed(seed, what, s))
     n = len(order)
     names = list(fractions)
     exact = np.array([fractions[name] * n for name in names])
@@ -144,9 +180,16 @@ def make_plan(
     manifest: Manifest,
     utterances: list[Utterance],
     quarantined: list[Quarantined] | None = None,
+    measured: list[MeasuredRir] | None = None,
 ) -> Plan:
-    """Decide every example: split, room, placement, level, and where it lives in the store."""
+    """Decide every example: split, room, placement, level, and where it lives in the store.
+
+    With ``rooms.measured``, ``measured`` is the scan of its folder
+    (:func:`dereverb_data.measured_rirs.scan_measured`): a fraction ``share`` of each split's
+    examples, drawn per example, use an RIR of that split's measured pool instead.
+    """
     quarantined = list(quarantined or [])
+    measured = sorted(measured or [], key=lambda m: (m.room, m.source, m.channel))
     stft = StftConfig(manifest.stft.n_fft, manifest.stft.hop, manifest.stft.window)
     tail = round(manifest.render.tail_ms * manifest.sample_rate / 1000)
     shard_frames = manifest.storage.frames_per_shard
@@ -177,8 +220,11 @@ def make_plan(
                 for j in range(rooms_cfg.positions_per_room)
             ]
 
+    measured_splits = assign_measured_room_splits(sorted({m.room for m in measured}), manifest)
+    pools = _measured_pools(manifest, measured, measured_splits)
+
     render_config = _render_config(manifest)
-    rirs: dict[str, RirSpec] = {}
+    rirs: dict[str, RirSpec | MeasuredRirSpec] = {}
     drafts = []
     split_rank = {name: i for i, name in enumerate(SPLIT_NAMES)}
     for utt in sorted(
@@ -193,14 +239,23 @@ def make_plan(
             rms = None
             if manifest.level.mode == "rms":
                 rms = round(float(rng.uniform(*manifest.level.rms_dbfs)), 3)
-            spec = RirSpec(room, placement, manifest.sample_rate, manifest.simulation)
+            spec: RirSpec | MeasuredRirSpec = RirSpec(
+                room, placement, manifest.sample_rate, manifest.simulation
+            )
+            pool = pools.get(split)
+            if pool:
+                # Its own generator, so the draws above (and every plan without measured
+                # RIRs) are exactly as before; a pure function of the example, like them.
+                pick = rng_for(manifest.seed, "measured", split, utt.utterance_id, variant)
+                if pick.random() < manifest.rooms.measured.share.get(split, 0.0):  # type: ignore[union-attr]
+                    spec = pool[int(pick.integers(len(pool)))]
             rirs.setdefault(spec.rir_id, spec)
             num_samples = utt.num_samples + tail
             fingerprint = stable_hash(
                 [utt.content_hash, utt.num_samples, spec.rir_id, rms, render_config], 24
             )
             drafts.append(
-                (utt, split, variant, room.room_id, spec.rir_id, rms, num_samples, fingerprint)
+                (utt, split, variant, spec.room.room_id, spec.rir_id, rms, num_samples, fingerprint)
             )
 
     # Shards hold one room's examples side by side (split, room, utterance order): editing some
@@ -216,7 +271,37 @@ def make_plan(
         examples,
         shards,
         speaker_splits,
+        measured,
+        measured_splits,
     )
+
+
+def _measured_pools(
+    manifest: Manifest, measured: list[MeasuredRir], room_splits: dict[str, str]
+) -> dict[str, list[MeasuredRirSpec]]:
+    """Each split's measured RIRs (one spec per distinct RIR), in a stable order; a split
+    that should draw from a pool but has no measured room is an error, not a silent 0 %."""
+    config = manifest.rooms.measured
+    if config is None:
+        return {}
+    pools: dict[str, list[MeasuredRirSpec]] = {}
+    seen: set[str] = set()
+    for entry in measured:
+        split = room_splits[entry.room]
+        room = MeasuredRoom(f"{ROOM_PREFIX}{entry.room}", split)
+        spec = MeasuredRirSpec(room, entry, manifest.sample_rate, config.pre_direct_ms)
+        if spec.rir_id not in seen:  # identical files in two places are one RIR
+            seen.add(spec.rir_id)
+            pools.setdefault(split, []).append(spec)
+    for split in manifest.splits.fractions():
+        if config.share.get(split, 0.0) > 0 and not pools.get(split):
+            raise AudioError(
+                f"rooms.measured: split {split!r} has share {config.share[split]} but no "
+                f"measured room ({len({m.room for m in measured})} usable room(s) in "
+                f"{config.path} for {sum(1 for s in config.share.values() if s > 0)} split(s) "
+                "with a share); add rooms, or set its share to 0"
+            )
+    return pools
 
 
 def _render_config(manifest: Manifest) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 from .acoustics import RirLabels, measure_rir
 from .fsio import read_bytes, url_to_fs, write_atomic
 from .manifest import OCTAVE_BANDS_HZ, Simulation
+from .measured_rirs import MeasuredRirSpec, ingest
 from .rooms import SURFACES, Placement, RoomSpec
 from .seeds import derive_seed, stable_hash
 
@@ -299,14 +300,24 @@ def place_in_range(
     return scale, rir, labels
 
 
-def get_or_simulate(bank: RirBank, spec: RirSpec) -> tuple[np.ndarray, dict, bool]:
-    """The RIR and its labels, simulating (and calibrating the room) only when missing."""
+def get_or_simulate(
+    bank: RirBank, spec: RirSpec | MeasuredRirSpec
+) -> tuple[np.ndarray, dict, bool]:
+    """The RIR and its labels, simulating (and calibrating the room) only when missing.
+
+    A measured spec is ingested from its file instead (read, resampled, trimmed, normalised
+    and measured: :mod:`dereverb_data.measured_rirs`) and banked like a simulated one.
+    """
     rir_id = spec.rir_id
     try:  # one read rather than exists() and a read: a request less on object stores
         rir, labels = bank.load_rir(rir_id)
         return rir, labels, False
     except FileNotFoundError:
         pass
+    if isinstance(spec, MeasuredRirSpec):
+        rir, labels = ingest(spec)
+        bank.save_rir(rir_id, rir, labels)
+        return rir, labels, True
     calibration, _ = get_or_calibrate(bank, spec)
     scale, rir, measured = place_in_range(spec, calibration.scale)
     method, order = spec.method(scale)
