@@ -28,10 +28,11 @@ from .inspect import distribution
 from .lock import build_lock
 from .manifest import Manifest
 from .measured_rirs import ROOM_PREFIX, MeasuredRirSpec, scan_measured
+from .noise import noise_signal, scan_noise_files
 from .plan import Plan, make_plan
 from .preflight import check_same_dataset
 from .render import render_pair
-from .rir_bank import RirBank, get_or_simulate
+from .rir_bank import AugmentedRirSpec, RirBank, base_spec, get_or_simulate
 from .stft import stft
 from .store import BUILD_DIR, DatasetStore, decode, encode, package_versions, shard_checksum
 
@@ -88,7 +89,14 @@ def prepare_build(manifest: Manifest, store_url: str, replace: bool = False) -> 
         # Bad RIR files join the corpus's quarantine list; the build goes on without them.
         measured, bad_rirs = scan_measured(manifest.rooms.measured, manifest.sample_rate)
         quarantined = [*quarantined, *bad_rirs]
-    plan = make_plan(manifest, utterances, quarantined, measured)
+    noise_files = None
+    if manifest.noise is not None and manifest.noise.files is not None:
+        # Like bad RIR files: unreadable or silent noise files are quarantined with why.
+        noise_files, bad_noise = scan_noise_files(
+            manifest.noise.files, manifest.noise.pattern, manifest.sample_rate
+        )
+        quarantined = [*quarantined, *bad_noise]
+    plan = make_plan(manifest, utterances, quarantined, measured, noise_files)
     if not plan.examples:
         raise AudioError(
             f"no usable utterances: {len(quarantined)} file(s) quarantined, e.g. "
@@ -191,7 +199,8 @@ ROOM_SECONDS_PER_MEASURED_RIR = 0.02
 
 def room_cost(plan: Plan, room_id: str, rir_ids: Sequence[str]) -> float:
     """Estimated CPU seconds to simulate a room's RIRs."""
-    if rir_ids and isinstance(plan.rirs[rir_ids[0]], MeasuredRirSpec):
+    # An augmented RIR costs about its base (its room's only other cost is the base itself).
+    if rir_ids and isinstance(base_spec(plan.rirs[rir_ids[0]]), MeasuredRirSpec):
         return ROOM_SECONDS_PER_MEASURED_RIR * len(rir_ids)
     if plan.manifest.simulation.method == "diffuse":
         return ROOM_SECONDS_PER_DIFFUSE_RIR * len(rir_ids)
@@ -322,6 +331,7 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
     blocks = {name: np.zeros((frames, n_freq), np.complex64) for name in ("rev", "clean")}
     timing: Counter[str] = Counter()
     rows = []
+    noise_cache: dict[str, np.ndarray] = {}  # a shard's examples share a few noise files
     for example_id in shard.example_ids:
         example = plan.example(example_id)
         start = example.frame_offset - shard.frame_start
@@ -336,12 +346,30 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
         utterance = plan.utterances[example.utterance_id]
         downmix = getattr(manifest.corpus, "downmix", "mean")
         audio = load_utterance(utterance, manifest.sample_rate, downmix)
-        rendered = render_pair(audio, rir, manifest, example.num_samples, example.rms_dbfs)
+        noise = example.noise
+        rendered = render_pair(
+            audio,
+            rir,
+            manifest,
+            example.num_samples,
+            example.rms_dbfs,
+            None
+            if noise is None
+            else noise_signal(noise, example.num_samples, manifest.sample_rate, noise_cache),
+            None if noise is None else noise.snr_db,
+            0 if noise is None else noise.offset,
+        )
         t2 = time.perf_counter()
         blocks["rev"][start:stop] = stft(rendered.reverberant, plan.stft)
         blocks["clean"][start:stop] = stft(rendered.clean, plan.stft)
         t3 = time.perf_counter()
         timing.update({"rir": t1 - t0, "render": t2 - t1, "stft": t3 - t2})
+        extra = {}
+        if manifest.augmentation is not None:  # only then: other stores' labels as before
+            extra["augmented"] = bool(rir_labels.get("augmented", False))
+        if noise is not None:
+            extra["noise"] = noise.colour if noise.kind == "colour" else noise.source
+            extra["noise_gain"] = rendered.noise_gain
         rows.append(
             {
                 "example_id": example_id,
@@ -354,6 +382,8 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
                 **{k: rir_labels[k] for k in ("rt60_t20", "rt60_t30", "drr_db", "c50_db")},
                 "distance_m": rir_labels["distance_m"],
                 "simulation": rir_labels["simulation"],
+                "snr_db": rendered.snr_db,
+                **extra,
             }
         )
     t4 = time.perf_counter()
@@ -390,6 +420,7 @@ INDEX_FLOAT_COLUMNS = (
     "c50_db",
     "distance_m",
     "target_rt60",
+    "snr_db",  # of the added background noise; NaN without noise
 )
 
 
@@ -411,7 +442,8 @@ def finalize_step(store_url: str) -> dict:
         row = {**example.__dict__, **labels[example.example_id]}
         row["target_rt60"] = plan.rirs[example.rir_id].room.target_rt60
         for name in columns:
-            value = row[name]
+            # A shard written before snr_db existed (and reused since) has no such label.
+            value = row.get(name) if name == "snr_db" else row[name]
             columns[name].append(np.nan if value is None and name in INDEX_FLOAT_COLUMNS else value)
     arrays = {
         **{name: np.asarray(columns[name], dtype=str) for name in INDEX_STRING_COLUMNS},
@@ -439,6 +471,8 @@ def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) 
     in_range = None
     # Measured rooms have the RT60 they have: only simulated examples are held to rt60_s.
     simulated = ~np.char.startswith(index["room_id"].astype(str), ROOM_PREFIX)
+    # Augmented RIRs were moved off the requested RT60 on purpose.
+    simulated &= np.array([not isinstance(plan.rirs[r], AugmentedRirSpec) for r in index["rir_id"]])
     if manifest.rooms.rt60_s is not None and simulated.any():
         low, high = manifest.rooms.rt60_s
         within = (rt60[simulated] >= low) & (rt60[simulated] <= high)

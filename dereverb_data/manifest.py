@@ -474,6 +474,49 @@ class Splits(_Strict):
         return {name: getattr(self, name) for name in SPLIT_NAMES if getattr(self, name) > 0}
 
 
+NOISE_COLOURS = ("white", "pink", "brown")
+
+
+class Augmentation(_Strict):
+    """RIR augmentation (``dereverb_data/augment.py``): with ``probability`` per example, its
+    RIR's decay is scaled by a factor drawn log-uniformly from ``rt60_factor`` and its DRR moved
+    by a change drawn uniformly from ``drr_change_db``. The augmented RIR is a bank entry of its
+    own; one the augmentation functions refuse falls back to the unchanged RIR (labelled so)."""
+
+    probability: float = Field(0.5, ge=0, le=1)
+    drr_change_db: tuple[float, float] = (-6.0, 6.0)
+    rt60_factor: tuple[PositiveFloat, PositiveFloat] = (0.6, 1.6)
+    bands: bool = Field(True, description="change each octave band's decay by the same factor")
+
+    @field_validator("drr_change_db", "rt60_factor")
+    @classmethod
+    def _ordered(cls, value: Any, info: Any) -> Any:
+        return _check_range(value, info.field_name)
+
+
+class Noise(_Strict):
+    """Background noise added to the reverberant input only (the target stays clean), with
+    ``probability`` per example, at an SNR drawn uniformly from ``snr_db``; the noise is one of
+    ``colours`` (generated) or of the files in ``files`` (a folder), drawn uniformly."""
+
+    probability: float = Field(1.0, ge=0, le=1)
+    snr_db: tuple[float, float] = (5.0, 30.0)
+    colours: list[Literal["white", "pink", "brown"]] = list(NOISE_COLOURS)
+    files: str | None = Field(None, min_length=1, description="folder of noise recordings")
+    pattern: str = Field("**/*.wav|**/*.flac", description="glob relative to files; 'a|b'")
+
+    @field_validator("snr_db")
+    @classmethod
+    def _ordered(cls, value: Any, info: Any) -> Any:
+        return _check_range(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> Noise:
+        if not self.colours and self.files is None:
+            raise ValueError("colours: no colour and no files: there is no noise to add")
+        return self
+
+
 class Manifest(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     # Strict: YAML's `true` would otherwise pass as the integer 1 (and "3" as 3).
@@ -489,6 +532,18 @@ class Manifest(_Strict):
     stft: Stft = Stft()
     storage: Storage = Storage()
     splits: Splits = Splits()
+    # None unless given, and then left out of dumps (as rooms.measured): the dump is hashed
+    # into the manifest digest, so existing manifests must dump exactly as before.
+    augmentation: Augmentation | None = None
+    noise: Noise | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in ("augmentation", "noise"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Manifest:
@@ -625,6 +680,10 @@ def load_manifest(path: str | Path, corpus_path: str | None = None) -> Manifest:
         measured = manifest.rooms.measured
         measured = measured.model_copy(update={"path": _beside(path, measured.path)})
         update["rooms"] = manifest.rooms.model_copy(update={"measured": measured})
+    if manifest.noise is not None and manifest.noise.files is not None:
+        # Like corpus.path: a relative noise folder starts at the manifest.
+        noise = manifest.noise.model_copy(update={"files": _beside(path, manifest.noise.files)})
+        update["noise"] = noise
     return manifest.model_copy(update=update)
 
 

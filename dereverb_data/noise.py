@@ -6,14 +6,25 @@ Noise is added to the *reverberant input only*; the clean target stays noise-fre
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.fft import irfft, rfft
 
-from .corpus import AudioError, read_audio
+from .corpus import AudioError, Quarantined, read_audio
 
-__all__ = ["COLOUR_EXPONENTS", "MIN_SHAPING_HZ", "coloured_noise", "load_noise_file", "mix_at_snr"]
+__all__ = [
+    "COLOUR_EXPONENTS",
+    "MIN_SHAPING_HZ",
+    "NoiseDraw",
+    "NoiseFile",
+    "coloured_noise",
+    "load_noise_file",
+    "mix_at_snr",
+    "noise_signal",
+    "scan_noise_files",
+]
 
 #: Power spectrum ~ 1 / f^exponent: white 0, pink 1 (-3 dB/octave), brown 2 (-6 dB/octave).
 COLOUR_EXPONENTS = {"white": 0.0, "pink": 1.0, "brown": 2.0}
@@ -132,3 +143,79 @@ def load_noise_file(path: str | Path, sample_rate: int) -> np.ndarray:
     if not np.any(signal):
         raise AudioError(f"{p}: noise file is all zeros (silent)")
     return signal
+
+
+@dataclass(frozen=True)
+class NoiseFile:
+    """One usable noise recording, as the scan found it (length at the build's rate)."""
+
+    source: str  # absolute path
+    content_hash: str  # sha256 of the file's bytes (24 hex digits)
+    num_samples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NoiseDraw:
+    """One example's noise: a generated colour (``seed``) or a file from ``offset`` on."""
+
+    snr_db: float
+    kind: str  # "colour" or "file"
+    colour: str | None = None
+    seed: int = 0
+    source: str | None = None
+    content_hash: str | None = None
+    offset: int = 0
+
+    def fingerprint(self) -> dict:
+        """What the rendered audio depends on: the file's content, not where it lives."""
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+
+def find_noise_files(root: Path, pattern: str) -> list[Path]:
+    if not root.is_dir():
+        raise AudioError(f"noise.files: {root} is not a folder")
+    found: set[Path] = set()
+    for part in pattern.split("|"):
+        found.update(p for p in root.glob(part) if p.is_file())
+    return sorted(found)
+
+
+def scan_noise_files(
+    root: str | Path, pattern: str, sample_rate: int
+) -> tuple[list[NoiseFile], list[Quarantined]]:
+    """Every usable noise file of the folder and the quarantined ones with why.
+
+    As the corpus scan: a file that cannot be read, is empty, non-finite or silent is
+    quarantined with its reason and the build goes on without it.
+    """
+    from .measured_rirs import file_hash
+
+    usable: list[NoiseFile] = []
+    quarantined: list[Quarantined] = []
+    for path in find_noise_files(Path(root), pattern):
+        try:
+            signal = load_noise_file(path, sample_rate)
+        except (AudioError, OSError, ValueError) as exc:
+            quarantined.append(Quarantined(str(path), f"noise file {path}: {exc}"))
+            continue
+        usable.append(NoiseFile(str(path), file_hash(path), int(signal.size)))
+    return usable, quarantined
+
+
+def noise_signal(
+    draw: NoiseDraw, n: int, sample_rate: int, cache: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """The noise an example's draw names (before scaling to its SNR); a file's samples are
+    read once per ``cache`` (a shard renders many examples with the same few files)."""
+    if draw.kind == "colour":
+        return coloured_noise(n, sample_rate, str(draw.colour), draw.seed)
+    cache = {} if cache is None else cache
+    source = str(draw.source)
+    if source not in cache:
+        cache[source] = load_noise_file(source, sample_rate)
+    return cache[source]

@@ -16,7 +16,8 @@ import numpy as np
 from .corpus import AudioError, Quarantined, Utterance
 from .manifest import SPLIT_NAMES, Manifest
 from .measured_rirs import ROOM_PREFIX, MeasuredRir, MeasuredRirSpec, MeasuredRoom
-from .rir_bank import RirSpec
+from .noise import NoiseDraw, NoiseFile
+from .rir_bank import AnyRirSpec, AugmentedRirSpec, RirSpec
 from .rooms import Placement, RoomSpec, sample_placement, sample_room
 from .seeds import derive_seed, rng_for, stable_hash
 from .stft import StftConfig
@@ -39,6 +40,7 @@ class Example:
     shard: int
     frame_offset: int
     fingerprint: str
+    noise: NoiseDraw | None = None  # manifest ``noise``: this example's draw, if any
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,15 @@ class Plan:
     utterances: dict[str, Utterance]
     quarantined: list[Quarantined]
     rooms: dict[str, RoomSpec]
-    rirs: dict[str, RirSpec | MeasuredRirSpec]
+    rirs: dict[str, AnyRirSpec]
     examples: list[Example]
     shards: list[Shard]
     speaker_splits: dict[str, str] = field(default_factory=dict)
     # The measured-RIR pool (every usable RIR, used or not) and each measured room's split.
     measured: list[MeasuredRir] = field(default_factory=list)
     measured_room_splits: dict[str, str] = field(default_factory=dict)
+    # The usable files of ``noise.files`` (their scan), when the manifest names a folder.
+    noise_files: list[NoiseFile] = field(default_factory=list)
 
     @property
     def stft(self) -> StftConfig:
@@ -89,6 +93,9 @@ class Plan:
         }
         if self.manifest.rooms.measured is not None:  # absent otherwise: plans read as before
             data["measured"] = [m.to_dict() for m in self.measured]
+        noise = self.manifest.noise
+        if noise is not None and noise.files is not None:  # absent otherwise, as "measured"
+            data["noise_files"] = [f.to_dict() for f in self.noise_files]
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -98,7 +105,8 @@ class Plan:
         utterances = [Utterance(**{**u, "flags": tuple(u["flags"])}) for u in data["utterances"]]
         quarantined = [Quarantined(**q) for q in data["quarantined"]]
         measured = [MeasuredRir(**m) for m in data.get("measured", [])]
-        return make_plan(manifest, utterances, quarantined, measured)
+        noise_files = [NoiseFile(**f) for f in data.get("noise_files", [])]
+        return make_plan(manifest, utterances, quarantined, measured, noise_files)
 
     def summary(self) -> dict:
         per_split = Counter(e.split for e in self.examples)
@@ -112,6 +120,12 @@ class Plan:
                 ),
                 "measured_examples_per_split": dict(sorted(measured.items())),
             }
+        if self.manifest.augmentation is not None:  # absent otherwise: reports as before
+            extra["augmented_examples"] = sum(
+                isinstance(self.rirs[e.rir_id], AugmentedRirSpec) for e in self.examples
+            )
+        if self.manifest.noise is not None:
+            extra["noisy_examples"] = sum(e.noise is not None for e in self.examples)
         return {
             "examples": len(self.examples),
             "examples_per_split": dict(sorted(per_split.items())),
@@ -181,12 +195,16 @@ def make_plan(
     utterances: list[Utterance],
     quarantined: list[Quarantined] | None = None,
     measured: list[MeasuredRir] | None = None,
+    noise_files: list[NoiseFile] | None = None,
 ) -> Plan:
     """Decide every example: split, room, placement, level, and where it lives in the store.
 
     With ``rooms.measured``, ``measured`` is the scan of its folder
     (:func:`dereverb_data.measured_rirs.scan_measured`): a fraction ``share`` of each split's
-    examples, drawn per example, use an RIR of that split's measured pool instead.
+    examples, drawn per example, use an RIR of that split's measured pool instead. With
+    ``augmentation`` and ``noise``, each example draws from streams of its own whether (and
+    how) its RIR is augmented and noise is added; ``noise_files`` is the scan of
+    ``noise.files`` (:func:`dereverb_data.noise.scan_noise_files`).
     """
     quarantined = list(quarantined or [])
     measured = sorted(measured or [], key=lambda m: (m.room, m.source, m.channel))
@@ -223,8 +241,10 @@ def make_plan(
     measured_splits = assign_measured_room_splits(sorted({m.room for m in measured}), manifest)
     pools = _measured_pools(manifest, measured, measured_splits)
 
+    noise_files = sorted(noise_files or [], key=lambda f: (f.content_hash, f.source))
+    noise_sources = _noise_sources(manifest, noise_files)
     render_config = _render_config(manifest)
-    rirs: dict[str, RirSpec | MeasuredRirSpec] = {}
+    rirs: dict[str, AnyRirSpec] = {}
     drafts = []
     split_rank = {name: i for i, name in enumerate(SPLIT_NAMES)}
     for utt in sorted(
@@ -239,9 +259,7 @@ def make_plan(
             rms = None
             if manifest.level.mode == "rms":
                 rms = round(float(rng.uniform(*manifest.level.rms_dbfs)), 3)
-            spec: RirSpec | MeasuredRirSpec = RirSpec(
-                room, placement, manifest.sample_rate, manifest.simulation
-            )
+            spec: AnyRirSpec = RirSpec(room, placement, manifest.sample_rate, manifest.simulation)
             pool = pools.get(split)
             if pool:
                 # Its own generator, so the draws above (and every plan without measured
@@ -249,13 +267,29 @@ def make_plan(
                 pick = rng_for(manifest.seed, "measured", split, utt.utterance_id, variant)
                 if pick.random() < manifest.rooms.measured.share.get(split, 0.0):  # type: ignore[union-attr]
                     spec = pool[int(pick.integers(len(pool)))]
+            # Augmentation and noise draw from streams of their own too, so no draw above
+            # moves; an augmented RIR's id hashes its base and the draw, so the fingerprint
+            # (which hashes the RIR id) changes with either.
+            spec = _draw_augmentation(manifest, spec, split, utt.utterance_id, variant)
             rirs.setdefault(spec.rir_id, spec)
             num_samples = utt.num_samples + tail
-            fingerprint = stable_hash(
-                [utt.content_hash, utt.num_samples, spec.rir_id, rms, render_config], 24
-            )
+            noise = _draw_noise(manifest, noise_sources, split, utt.utterance_id, variant)
+            parts = [utt.content_hash, utt.num_samples, spec.rir_id, rms, render_config]
+            if noise is not None:  # only then: noise-free examples keep their fingerprints
+                parts.append(noise.fingerprint())
+            fingerprint = stable_hash(parts, 24)
             drafts.append(
-                (utt, split, variant, spec.room.room_id, spec.rir_id, rms, num_samples, fingerprint)
+                (
+                    utt,
+                    split,
+                    variant,
+                    spec.room.room_id,
+                    spec.rir_id,
+                    rms,
+                    num_samples,
+                    fingerprint,
+                    noise,
+                )
             )
 
     # Shards hold one room's examples side by side (split, room, utterance order): editing some
@@ -273,6 +307,7 @@ def make_plan(
         speaker_splits,
         measured,
         measured_splits,
+        noise_files,
     )
 
 
@@ -304,6 +339,72 @@ def _measured_pools(
     return pools
 
 
+def _draw_augmentation(
+    manifest: Manifest,
+    spec: RirSpec | MeasuredRirSpec,
+    split: str,
+    utterance_id: str,
+    variant: int,
+) -> AnyRirSpec:
+    """The example's RIR, augmented with ``augmentation.probability`` (a pure function of
+    the example, from its own generator)."""
+    config = manifest.augmentation
+    if config is None or config.probability <= 0:
+        return spec
+    rng = rng_for(manifest.seed, "augment", split, utterance_id, variant)
+    if rng.random() >= config.probability:
+        return spec
+    from .augment import draw_augmentation
+
+    drawn = draw_augmentation(
+        int(rng.integers(2**63)),
+        {"drr_change_db": config.drr_change_db, "rt60_factor": config.rt60_factor},
+    )
+    # Rounded: the values are hashed into the RIR id and written as labels.
+    return AugmentedRirSpec(
+        spec,
+        round(drawn["drr_change_db"], 3),
+        round(drawn["rt60_factor"], 4),
+        config.bands,
+    )
+
+
+def _noise_sources(manifest: Manifest, noise_files: list[NoiseFile]) -> list:
+    """What an example's noise is drawn from: the colours, then the usable files."""
+    config = manifest.noise
+    if config is None:
+        return []
+    sources: list = [("colour", c) for c in config.colours]
+    sources += [("file", f) for f in noise_files]
+    if not sources:
+        raise AudioError(
+            f"noise.files: no usable noise file in {config.files} and no colours: there is "
+            "no noise to add (see the quarantine list)"
+        )
+    return sources
+
+
+def _draw_noise(
+    manifest: Manifest, sources: list, split: str, utterance_id: str, variant: int
+) -> NoiseDraw | None:
+    config = manifest.noise
+    if config is None or config.probability <= 0:
+        return None
+    rng = rng_for(manifest.seed, "noise", split, utterance_id, variant)
+    if rng.random() >= config.probability:
+        return None
+    snr = round(float(rng.uniform(*config.snr_db)), 3)
+    kind, source = sources[int(rng.integers(len(sources)))]
+    seed = int(rng.integers(2**63))
+    if kind == "colour":
+        return NoiseDraw(snr, "colour", colour=source, seed=seed)
+    # Where in the file the example's noise starts (looped past its end).
+    offset = int(rng.integers(source.num_samples))
+    return NoiseDraw(
+        snr, "file", source=source.source, content_hash=source.content_hash, offset=offset
+    )
+
+
 def _render_config(manifest: Manifest) -> dict:
     return {
         "sample_rate": manifest.sample_rate,
@@ -326,7 +427,7 @@ def _pack(drafts: list, stft: StftConfig, shard_frames: int) -> tuple[list[Examp
     examples: list[Example] = []
     groups: list[list[Example]] = [[]]
     used = 0
-    for utt, split, variant, room_id, rir_id, rms, num_samples, fingerprint in drafts:
+    for utt, split, variant, room_id, rir_id, rms, num_samples, fingerprint, noise in drafts:
         frames = stft.n_frames(num_samples)
         if used + frames > shard_frames:
             groups.append([])
@@ -346,6 +447,7 @@ def _pack(drafts: list, stft: StftConfig, shard_frames: int) -> tuple[list[Examp
             shard=shard,
             frame_offset=shard * shard_frames + used,
             fingerprint=fingerprint,
+            noise=noise,
         )
         groups[-1].append(example)
         examples.append(example)

@@ -8,6 +8,10 @@ fractional-delay filter puts the peak about 40 samples later):
   amplitude (so input and target share one scale);
 - ``early``: the utterance convolved with the RIR truncated ``early_ms`` after the direct peak.
 
+With background noise (manifest ``noise``), the noise is added to the reverberant signal only,
+at the example's SNR, *before* the level gain: the gain scales signal and noise alike, so the
+SNR label holds for the stored input; the target stays noise-free.
+
 One gain, drawn from the level policy and lowered if needed so neither signal clips, scales
 both; it is recorded, with the target's total gain relative to the dry utterance.
 """
@@ -21,6 +25,7 @@ from scipy.signal import fftconvolve
 
 from .acoustics import DIRECT_WINDOW_MS, direct_path_index
 from .manifest import Manifest
+from .noise import mix_at_snr
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class Rendered:
     clean_gain: float  # clean == clean_gain * utterance delayed by direct_index (direct target)
     direct_index: int
     gain_limited: bool  # the level policy's gain was lowered to avoid clipping
+    snr_db: float | None = None  # of the noise added to the reverberant input, if any
+    noise_gain: float | None = None  # applied to the given noise (before the level gain)
 
 
 def direct_amplitude(rir: np.ndarray, direct_index: int, sample_rate: int) -> float:
@@ -58,8 +65,15 @@ def render_pair(
     manifest: Manifest,
     num_samples: int,
     rms_dbfs: float | None,
+    noise: np.ndarray | None = None,
+    snr_db: float | None = None,
+    noise_offset: int = 0,
 ) -> Rendered:
-    """Reverberant and target waveforms of ``num_samples`` samples each."""
+    """Reverberant and target waveforms of ``num_samples`` samples each.
+
+    With ``noise`` (and ``snr_db``), the noise from ``noise_offset`` on (looped) is added to
+    the reverberant signal at ``snr_db`` over its whole length, before the level gain.
+    """
     fs = manifest.sample_rate
     dry = utterance.astype(np.float64)
     h = rir.astype(np.float64)
@@ -74,6 +88,12 @@ def render_pair(
         early = h[: d + round(manifest.target.early_ms * fs / 1000) + 1]
         amplitude = 1.0
         target = _fit(fftconvolve(dry, early), num_samples)
+
+    noise_gain = None
+    if noise is not None:
+        if snr_db is None:
+            raise ValueError("render_pair: noise given without an snr_db")
+        wet, noise_gain = mix_at_snr(wet, noise, snr_db, noise_offset)
 
     gain = 1.0
     if rms_dbfs is not None:
@@ -90,4 +110,6 @@ def render_pair(
         clean_gain=gain * amplitude,
         direct_index=int(d),
         gain_limited=limited,
+        snr_db=None if noise is None else float(snr_db),  # type: ignore[arg-type]
+        noise_gain=noise_gain,
     )

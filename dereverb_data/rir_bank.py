@@ -20,11 +20,12 @@ import numpy as np
 from .acoustics import RirLabels, measure_rir
 from .fsio import read_bytes, url_to_fs, write_atomic
 from .manifest import OCTAVE_BANDS_HZ, Simulation
-from .measured_rirs import MeasuredRirSpec, ingest
+from .measured_rirs import MeasuredRirSpec, MeasuredRoom, ingest
 from .rooms import SURFACES, Placement, RoomSpec
 from .seeds import derive_seed, stable_hash
 
 SIMULATOR_REVISION = 1  # bump when our use of the simulator changes its output
+AUGMENT_REVISION = 1  # bump when augmenting changes its output for the same base and draw
 
 
 def simulator_version() -> str:
@@ -86,6 +87,82 @@ class RirSpec:
         if target > sim.hybrid_above_rt60_s or order > sim.max_ism_order:
             return "hybrid", sim.ism_order_hybrid
         return "ism", order
+
+
+@dataclass(frozen=True)
+class AugmentedRirSpec:
+    """A banked RIR (simulated or measured) with its decay and DRR changed
+    (:mod:`dereverb_data.augment`): a bank entry of its own, made from the base's entry."""
+
+    base: RirSpec | MeasuredRirSpec
+    drr_change_db: float
+    rt60_factor: float
+    bands: bool = True
+
+    @property
+    def room(self) -> RoomSpec | MeasuredRoom:
+        return self.base.room
+
+    @property
+    def sample_rate(self) -> int:
+        return self.base.sample_rate
+
+    @cached_property
+    def rir_id(self) -> str:
+        # The base's id already hashes everything the base depends on.
+        return stable_hash(
+            [
+                "augmented",
+                self.base.rir_id,
+                self.drr_change_db,
+                self.rt60_factor,
+                self.bands,
+                AUGMENT_REVISION,
+            ],
+            length=20,
+        )
+
+
+AnyRirSpec = RirSpec | MeasuredRirSpec | AugmentedRirSpec
+
+
+def base_spec(spec: AnyRirSpec) -> RirSpec | MeasuredRirSpec:
+    """The simulated or measured spec an RIR comes from (itself unless augmented)."""
+    return spec.base if isinstance(spec, AugmentedRirSpec) else spec
+
+
+def augment_rir(
+    base_rir: np.ndarray, base_labels: dict, spec: AugmentedRirSpec
+) -> tuple[np.ndarray, dict]:
+    """The augmented RIR and its labels, or, when :mod:`dereverb_data.augment` refuses the
+    change (a ValueError), the base RIR unchanged with the refusal in its labels: a build
+    never fails for an augmentation, and the fallback is the same in every run."""
+    from .augment import change_decay, change_drr
+
+    fs = spec.sample_rate
+    drawn = {
+        "drr_change_db": spec.drr_change_db,
+        "rt60_factor": spec.rt60_factor,
+        "base_rir_id": spec.base.rir_id,
+        "augment_revision": AUGMENT_REVISION,
+    }
+    try:
+        h = base_rir.astype(np.float64)
+        if spec.rt60_factor != 1.0:
+            t_base = base_labels["rt60_t30"]
+            if not np.isfinite(t_base):
+                t_base = base_labels["rt60_t20"]
+            if not np.isfinite(t_base):
+                raise ValueError("the base RIR's decay (T30 and T20) is not measurable")
+            h = change_decay(h, fs, t_base * spec.rt60_factor, bands=spec.bands)
+        # The DRR target is relative to the base as labelled, so the drawn change is what moved.
+        h = change_drr(h, fs, base_labels["drr_db"] + spec.drr_change_db)
+        rir = h.astype(np.float32)
+        # Measured on what is stored (float32), as every other label.
+        measured = measure_rir(rir, fs)
+    except ValueError as exc:
+        return base_rir, {**base_labels, **drawn, "augmented": False, "augment_refused": str(exc)}
+    return rir, {**base_labels, **measured.to_dict(), **drawn, "augmented": True}
 
 
 def _ism_order(room: RoomSpec, scale: float) -> int:
@@ -300,13 +377,13 @@ def place_in_range(
     return scale, rir, labels
 
 
-def get_or_simulate(
-    bank: RirBank, spec: RirSpec | MeasuredRirSpec
-) -> tuple[np.ndarray, dict, bool]:
+def get_or_simulate(bank: RirBank, spec: AnyRirSpec) -> tuple[np.ndarray, dict, bool]:
     """The RIR and its labels, simulating (and calibrating the room) only when missing.
 
     A measured spec is ingested from its file instead (read, resampled, trimmed, normalised
-    and measured: :mod:`dereverb_data.measured_rirs`) and banked like a simulated one.
+    and measured: :mod:`dereverb_data.measured_rirs`) and banked like a simulated one. An
+    augmented spec is made from its base's bank entry (simulated or ingested first if
+    missing) by :func:`augment_rir`, and banked under its own id.
     """
     rir_id = spec.rir_id
     try:  # one read rather than exists() and a read: a request less on object stores
@@ -314,6 +391,11 @@ def get_or_simulate(
         return rir, labels, False
     except FileNotFoundError:
         pass
+    if isinstance(spec, AugmentedRirSpec):
+        base_rir, base_labels, _ = get_or_simulate(bank, spec.base)
+        rir, labels = augment_rir(base_rir, base_labels, spec)
+        bank.save_rir(rir_id, rir, labels)
+        return rir, labels, True
     if isinstance(spec, MeasuredRirSpec):
         rir, labels = ingest(spec)
         bank.save_rir(rir_id, rir, labels)
