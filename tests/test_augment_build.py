@@ -255,3 +255,21 @@ def test_manifest_sections_validate(tmp_path: Path) -> None:
     assert load_manifest(path).noise.files == str(tmp_path / "noise")  # type: ignore[union-attr]
     usable, bad = scan_noise_files(write_noise_dir(tmp_path / "noise"), "**/*.wav", FS)
     assert len(usable) == 1 and len(bad) == 2
+
+
+def test_adding_noise_rerenders_only_the_noisy_examples(builds: dict) -> None:
+    import shutil
+
+    tmp = builds["tmp"]
+    url = str(tmp / "incremental.zarr")
+    shutil.copytree(builds["free"], url)
+    noisy = small_demo(tmp, tmp / "noise", augmentation=AUGMENT, noise=dict(NOISE))
+    report = build_serial(load_manifest(noisy), url, rir_cache=default_rir_cache(builds["first"]))
+    plan = load_plan(url)
+    n_noisy = sum(e.noise is not None for e in plan.examples)
+    assert report["counts"]["examples_rendered"] == n_noisy
+    assert report["counts"]["examples_kept"] == len(plan.examples) - n_noisy
+    _, fresh = read(builds["first"])
+    _, index = read(url)
+    for name in fresh:
+        np.testing.assert_array_equal(index[name], fresh[name], err_msg=name)
