@@ -29,6 +29,8 @@ from .store import (
 
 INDEX_COLUMNS = (*INDEX_STRING_COLUMNS, *INDEX_INT_COLUMNS, *INDEX_FLOAT_COLUMNS, "gain_limited")
 REQUIRED_ATTRS = ("frames_per_shard", "n_examples", "stft")
+# Columns added after stores were first built: a store finalized before them is still whole.
+LATER_COLUMNS = ("snr_db",)
 # Finalizing writes the index and the checksums again from the done-markers and labels, so a
 # plain build (which finds every shard done) restores them; --repair needs them to start.
 REWRITE_HINT = "`dereverb build MANIFEST --store STORE` (without --repair) writes it again"
@@ -61,10 +63,12 @@ def _read(url: str, array: zarr.Array, name: str, hint: str) -> np.ndarray:
 
 def read_index(url: str, group: zarr.Group) -> dict[str, np.ndarray]:
     """Every index column, or a :class:`StoreError` naming the first missing or unreadable one."""
-    open_store_node(url, group, "index", REWRITE_HINT)
+    index = open_store_node(url, group, "index", REWRITE_HINT)
     columns = {}
     for name in INDEX_COLUMNS:
         path = f"index/{name}"
+        if name in LATER_COLUMNS and name not in index:
+            continue
         columns[name] = _read(
             url, open_store_array(url, group, path, REWRITE_HINT), path, REWRITE_HINT
         )

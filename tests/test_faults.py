@@ -535,3 +535,11 @@ def test_train_config_with_bad_values(tmp_path: Path, demo_store: str) -> None:
     result = run_cli("train", "--data", demo_store, "--out", str(out), "--config", str(config))
     assert_one_line_error(result, str(config), "steps")
     assert not out.exists()
+
+
+def test_a_store_finalized_before_later_columns_still_verifies(demo_copy: Path) -> None:
+    """Stores built before ``snr_db`` existed have no such column: still whole, not damaged."""
+    shutil.rmtree(demo_copy / "index" / "snr_db")
+    result = run_cli("verify", str(demo_copy))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok:")
