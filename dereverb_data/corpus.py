@@ -116,7 +116,8 @@ def is_clipped(signal: np.ndarray) -> bool:
     return float(np.mean(np.abs(signal) >= CLIP_LEVEL)) > CLIP_FRACTION
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """The content hash every audio input (utterance, measured RIR, noise file) is keyed by."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -124,14 +125,19 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def _find_files(corpus: FolderCorpus) -> list[Path]:
-    root = Path(corpus.path)
+def find_files(root: Path, pattern: str, field: str) -> list[Path]:
+    """The files under ``root`` matching ``pattern`` (``a|b`` for several), sorted; an
+    ``AudioError`` naming the manifest ``field`` when ``root`` is not a folder."""
     if not root.is_dir():
-        raise AudioError(f"corpus.path: {root} is not a folder")
+        raise AudioError(f"{field}: {root} is not a folder")
     found: set[Path] = set()
-    for pattern in corpus.pattern.split("|"):
-        found.update(p for p in root.glob(pattern) if p.is_file())
-    files = sorted(found)
+    for part in pattern.split("|"):
+        found.update(p for p in root.glob(part) if p.is_file())
+    return sorted(found)
+
+
+def _find_files(corpus: FolderCorpus) -> list[Path]:
+    files = find_files(Path(corpus.path), corpus.pattern, "corpus.path")
     return files[: corpus.limit] if corpus.limit else files
 
 
@@ -192,7 +198,7 @@ def _scan_file(path: Path, corpus: FolderCorpus | LhotseCorpus, sample_rate: int
     except AudioError as exc:
         return {"problem": str(exc)}
     return {
-        "content_hash": _file_hash(path),
+        "content_hash": file_hash(path),
         "num_samples": int(signal.size),
         "source_rate": rate,
         "channels": channels,
@@ -349,7 +355,7 @@ def load_utterance(utterance: Utterance, sample_rate: int, downmix: str = "mean"
         _, speaker, index = utterance.source.split(":")
         signal = synthesize_utterance(speaker, int(index), sample_rate)
     else:
-        if _file_hash(Path(utterance.source)) != utterance.content_hash:
+        if file_hash(Path(utterance.source)) != utterance.content_hash:
             raise AudioError(f"{utterance.source}: file content changed since the plan was made")
         signal, _, _ = read_audio(utterance.source, sample_rate, downmix)
     if signal.size != utterance.num_samples:

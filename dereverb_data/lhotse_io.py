@@ -59,6 +59,13 @@ def _import_lhotse() -> Any:
     return lhotse
 
 
+def require_file(path: Path, field: str) -> None:
+    """The Lhotse manifest named by ``corpus.<field>`` must be a file."""
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a file"
+        raise AudioError(f"corpus.{field}: {path} {what}")
+
+
 def _manifest_items(path: Path, field: str, expected: str) -> Iterator[Any]:
     """The items of a Lhotse manifest of type ``expected`` (``RecordingSet``, ...).
 
@@ -68,9 +75,7 @@ def _manifest_items(path: Path, field: str, expected: str) -> Iterator[Any]:
     lhotse = _import_lhotse()
     from lhotse.serialization import load_manifest_lazy_or_eager
 
-    if not path.is_file():
-        what = "does not exist" if not path.exists() else "is not a file"
-        raise AudioError(f"corpus.{field}: {path} {what}")
+    require_file(path, field)
     try:
         manifest = load_manifest_lazy_or_eager(path)
         if manifest is None:

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,6 +24,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from .yaml_file import read_yaml
 
 OCTAVE_BANDS_HZ = (125, 250, 500, 1000, 2000, 4000)
 SPEED_OF_SOUND = 343.0
@@ -632,18 +633,7 @@ def load_manifest(path: str | Path, corpus_path: str | None = None) -> Manifest:
     ``supervisions`` and ``audio_root``) are made absolute against the manifest's folder.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(
-            f"{path}: not UTF-8 text (byte {exc.start}); save the manifest as UTF-8"
-        ) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, ManifestError, "manifest")
     if corpus_path is not None and isinstance(data, dict) and isinstance(data.get("corpus"), dict):
         kind = data["corpus"].get("kind")
         if kind == "lhotse":

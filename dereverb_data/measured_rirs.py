@@ -23,7 +23,6 @@ quarantined with its reason; the build goes on without it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -34,7 +33,7 @@ import soundfile as sf
 import soxr
 
 from .acoustics import DIRECT_WINDOW_MS, direct_path_index, measure_rir
-from .corpus import AudioError, Quarantined, speaker_from_path
+from .corpus import AudioError, Quarantined, file_hash, find_files, speaker_from_path
 from .manifest import MeasuredRirs
 from .seeds import stable_hash
 
@@ -98,22 +97,8 @@ class MeasuredRirSpec:
         )
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:24]
-
-
 def find_rir_files(config: MeasuredRirs) -> list[Path]:
-    root = Path(config.path)
-    if not root.is_dir():
-        raise AudioError(f"rooms.measured.path: {root} is not a folder")
-    found: set[Path] = set()
-    for pattern in config.pattern.split("|"):
-        found.update(p for p in root.glob(pattern) if p.is_file())
-    return sorted(found)
+    return find_files(Path(config.path), config.pattern, "rooms.measured.path")
 
 
 def read_channels(path: str | Path) -> tuple[np.ndarray, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from scipy.fft import irfft, rfft
 
-from .corpus import AudioError, Quarantined, read_audio
+from .corpus import AudioError, Quarantined, file_hash, find_files, read_audio
 
 __all__ = [
     "COLOUR_EXPONENTS",
@@ -177,12 +177,7 @@ class NoiseDraw:
 
 
 def find_noise_files(root: Path, pattern: str) -> list[Path]:
-    if not root.is_dir():
-        raise AudioError(f"noise.files: {root} is not a folder")
-    found: set[Path] = set()
-    for part in pattern.split("|"):
-        found.update(p for p in root.glob(part) if p.is_file())
-    return sorted(found)
+    return find_files(root, pattern, "noise.files")
 
 
 def scan_noise_files(
@@ -193,8 +188,6 @@ def scan_noise_files(
     As the corpus scan: a file that cannot be read, is empty, non-finite or silent is
     quarantined with its reason and the build goes on without it.
     """
-    from .measured_rirs import file_hash
-
     usable: list[NoiseFile] = []
     quarantined: list[Quarantined] = []
     for path in find_noise_files(Path(root), pattern):

@@ -39,7 +39,7 @@ def check_corpus(manifest: Manifest) -> None:
 
 
 def _check_lhotse_corpus(corpus: LhotseCorpus) -> None:
-    from .lhotse_io import peek_manifest_type
+    from .lhotse_io import peek_manifest_type, require_file
 
     if not lhotse_installed():
         raise AudioError(LHOTSE_MISSING)
@@ -49,9 +49,7 @@ def _check_lhotse_corpus(corpus: LhotseCorpus) -> None:
         if value is None:
             continue
         path = Path(value)
-        if not path.is_file():
-            what = "does not exist" if not path.exists() else "is not a file"
-            raise AudioError(f"corpus.{field}: {path} {what}")
+        require_file(path, field)
         try:
             found = peek_manifest_type(path)
         except AudioError as exc:

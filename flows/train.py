@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.types.entrypoint import EntrypointType
@@ -39,27 +38,9 @@ def load_train_config(path: str | None, overrides: dict[str, Any] | None = None)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise TrainConfigError(f"{path}: no such training config file") from None
-    except UnicodeDecodeError as exc:
-        raise TrainConfigError(
-            f"{path}: not a UTF-8 text file (byte {exc.start}); save the config as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise TrainConfigError(
-            f"{path}: cannot read the training config ({exc.strerror})"
-        ) from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
-        raise TrainConfigError(f"{path}: {where}YAML syntax error ({problem})") from None
-    except yaml.YAMLError as exc:
-        raise TrainConfigError(f"{path}: YAML error ({' '.join(str(exc).split())})") from None
+    from dereverb_data.yaml_file import read_yaml
+
+    loaded = read_yaml(path, TrainConfigError, "training config")
     if loaded is None:  # an empty file: all defaults
         return {}
     if not isinstance(loaded, dict):
