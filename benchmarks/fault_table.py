@@ -37,6 +37,7 @@ def main() -> int:
             [sys.executable, "-m", "pytest", "-q", "tests/test_faults.py", f"--junitxml={junit}"],
             cwd=REPO,
             env=env,
+            stdout=sys.stderr,  # pytest's progress stays out of the table
         )
         failed = set(
             re.findall(
