@@ -73,6 +73,26 @@ def default_rir_cache(store_url: str) -> str:
     return f"{store_url.rstrip('/')}/{BUILD_DIR}/rir_bank"
 
 
+def plan_inputs(manifest: Manifest, cache: dict[str, dict] | None = None) -> Plan:
+    """Scan everything the manifest reads (corpus, measured RIRs, noise files) and plan it.
+
+    ``cache`` is the store's corpus scan cache (updated in place). Bad RIR and noise files join
+    the corpus's quarantine list; the plan goes on without them.
+    """
+    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
+    measured = None
+    if manifest.rooms.measured is not None:
+        measured, bad_rirs = scan_measured(manifest.rooms.measured, manifest.sample_rate)
+        quarantined = [*quarantined, *bad_rirs]
+    noise_files = None
+    if manifest.noise is not None and manifest.noise.files is not None:
+        noise_files, bad_noise = scan_noise_files(
+            manifest.noise.files, manifest.noise.pattern, manifest.sample_rate
+        )
+        quarantined = [*quarantined, *bad_noise]
+    return make_plan(manifest, utterances, quarantined, measured, noise_files)
+
+
 def prepare_build(manifest: Manifest, store_url: str, replace: bool = False) -> Plan:
     """Scan the corpus, plan every example, and create (or check) the store for the plan.
 
@@ -83,24 +103,11 @@ def prepare_build(manifest: Manifest, store_url: str, replace: bool = False) -> 
     check_same_dataset(store_url, manifest, replace)
     store = DatasetStore(store_url)
     cache = _read_scan_cache(store)
-    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate, cache)
-    measured = None
-    if manifest.rooms.measured is not None:
-        # Bad RIR files join the corpus's quarantine list; the build goes on without them.
-        measured, bad_rirs = scan_measured(manifest.rooms.measured, manifest.sample_rate)
-        quarantined = [*quarantined, *bad_rirs]
-    noise_files = None
-    if manifest.noise is not None and manifest.noise.files is not None:
-        # Like bad RIR files: unreadable or silent noise files are quarantined with why.
-        noise_files, bad_noise = scan_noise_files(
-            manifest.noise.files, manifest.noise.pattern, manifest.sample_rate
-        )
-        quarantined = [*quarantined, *bad_noise]
-    plan = make_plan(manifest, utterances, quarantined, measured, noise_files)
+    plan = plan_inputs(manifest, cache)
     if not plan.examples:
         raise AudioError(
-            f"no usable utterances: {len(quarantined)} file(s) quarantined, e.g. "
-            + "; ".join(q.reason for q in quarantined[:3])
+            f"no usable utterances: {len(plan.quarantined)} file(s) quarantined, e.g. "
+            + "; ".join(q.reason for q in plan.quarantined[:3])
         )
     store.prepare(plan)
     store._write_text(SCAN_CACHE, json.dumps(cache))

@@ -105,13 +105,11 @@ _non_negative_int = _int_at_least(0)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dereverb_data.corpus import scan_corpus
+    from dereverb_data.build import plan_inputs
     from dereverb_data.manifest import load_manifest
-    from dereverb_data.plan import make_plan
 
     manifest = load_manifest(args.manifest, args.corpus)
-    utterances, quarantined = scan_corpus(manifest.corpus, manifest.sample_rate)
-    plan = make_plan(manifest, utterances, quarantined)
+    plan = plan_inputs(manifest)  # what a build plans: corpus, measured RIRs, noise files
     print(json.dumps(plan.summary(), indent=2))
     for q in plan.quarantined:
         print(f"quarantined: {q.reason}")

@@ -278,3 +278,20 @@ def test_demo_manifest_plan_is_unchanged(demo_scan) -> None:
         _digest([s.fingerprint for s in plan.shards]),
     ) == DEMO_ALL
     assert "measured_examples_per_split" not in plan.summary()
+
+
+def test_plan_command_scans_the_measured_pool(tmp_path: Path, capsys) -> None:
+    # `dereverb plan` must plan what `dereverb build` would: with the measured rooms, and the
+    # bad RIR files listed as quarantined (it once planned the corpus alone and refused).
+    from flows.cli import main
+
+    write_pool(tmp_path / "rirs")
+    path = measured_manifest(
+        tmp_path, {"path": "rirs", "channels": "first", "share": {"train": 1.0}}
+    )
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[: out.rindex("}") + 1])
+    assert summary["measured_rooms_per_split"]["train"] >= 1
+    assert summary["measured_examples_per_split"]["train"] == summary["examples_per_split"]["train"]
+    assert "quarantined: measured RIR" in out
