@@ -33,7 +33,7 @@ USER_ERRORS = {
     "dereverb_data.corpus": ("AudioError",),
     "dereverb_data.store": ("StoreError",),
     "dereverb_data.rooms": ("PlacementError",),
-    "flows.train": ("TrainConfigError",),
+    "training.config": ("TrainConfigError",),
     "flows.runners": ("ClusterError",),
     "training.enhance": ("EnhanceError",),
     "training.train": ("RunFolderError",),
@@ -204,7 +204,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     corpus = str(Path(args.corpus).resolve()) if args.corpus else None
     then_train = None
     if args.then_train:
-        from .train import load_train_config
+        from training.config import load_train_config
 
         load_train_config(args.then_train)  # a bad training config fails before the build
         out = args.train_out or str(Path("runs") / Path(args.store).stem)
@@ -308,9 +308,8 @@ def _format_metrics(metrics: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import load_train_config
     from training.train import train
-
-    from .train import load_train_config
 
     overrides = {"model": args.model, "steps": args.steps, "device": args.device}
     config = load_train_config(args.config, overrides)

@@ -3,49 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.types.entrypoint import EntrypointType
 
-if TYPE_CHECKING:
-    from training.train import TrainConfig
-
-
-class TrainConfigError(ValueError):
-    """A training config that cannot be used; the message names the file and field."""
-
-
-def load_train_config(path: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML file of its fields (unknown fields are an error), plus
-    command-line overrides.
-
-    Raises ``TrainConfigError`` naming the file for a missing or unreadable file, a file that
-    is not UTF-8, a YAML syntax error (with its line) and any field of the wrong type or out of
-    range (with the field, see ``TrainConfig``).
-    """
-    from training.train import TrainConfig
-
-    values: dict[str, Any] = {}
-    if path:
-        values.update(_read_yaml(path))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return TrainConfig.from_dict(values)
-    except (TypeError, ValueError) as exc:
-        raise TrainConfigError(f"{path or 'training config'}: {exc}") from None
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    from dereverb_data.yaml_file import read_yaml
-
-    loaded = read_yaml(path, TrainConfigError, "training config")
-    if loaded is None:  # an empty file: all defaults
-        return {}
-    if not isinstance(loaded, dict):
-        raise TrainConfigError(f"{path}: a training config is a mapping of TrainConfig fields")
-    return loaded
+from training.config import load_train_config
 
 
 @flow(name="train-model", log_prints=True)

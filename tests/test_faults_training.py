@@ -395,7 +395,7 @@ def test_run_folder_that_is_a_file_or_another_runs_is_refused(
 
 
 def test_unreadable_config_files_name_the_file(tmp_path: Path) -> None:
-    from flows.train import TrainConfigError, load_train_config
+    from training.config import TrainConfigError, load_train_config
 
     syntax = tmp_path / "syntax.yaml"
     syntax.write_text("model: unet\nsteps: [10\nlr: 0.1\n")
@@ -437,7 +437,7 @@ def test_unreadable_config_files_name_the_file(tmp_path: Path) -> None:
     ],
 )
 def test_bad_config_values_name_the_file_and_field(tmp_path: Path, line: str, field: str) -> None:
-    from flows.train import TrainConfigError, load_train_config
+    from training.config import TrainConfigError, load_train_config
 
     path = tmp_path / "config.yaml"
     path.write_text(f"model: unet\n{line}\n" if not line.startswith("model:") else line + "\n")
@@ -448,7 +448,7 @@ def test_bad_config_values_name_the_file_and_field(tmp_path: Path, line: str, fi
 
 
 def test_good_config_values_still_load(tmp_path: Path) -> None:
-    from flows.train import load_train_config
+    from training.config import load_train_config
 
     path = tmp_path / "config.yaml"
     path.write_text("model: unet\nsteps: 20_000\nlr: 1e-3\nwarmup_steps: 0\n")
@@ -457,3 +457,66 @@ def test_good_config_values_still_load(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\n")
     assert load_train_config(str(empty)).steps == 20_000
+
+
+# What the dataclass TrainConfig (before training/config.py) wrote into every checkpoint for
+# the defaults: old checkpoints must read, and compare equal when a run resumes.
+OLD_DEFAULTS_DICT = {
+    "model": "bsrnn_lite",
+    "model_kwargs": {},
+    "features": None,
+    "compress_exponent": 0.3,
+    "train_split": "train",
+    "valid_split": "valid",
+    "crop_frames": 256,
+    "batch_size": 16,
+    "num_workers": 2,
+    "lr": 0.001,
+    "min_lr": 1e-05,
+    "warmup_steps": 500,
+    "steps": 20000,
+    "weight_decay": 0.0,
+    "grad_clip": 5.0,
+    "magnitude_weight": 0.7,
+    "complex_weight": 0.3,
+    "mrstft_weight": 0.0,
+    "eval_every": 1000,
+    "eval_examples": 8,
+    "checkpoint_every": 1000,
+    "log_every": 50,
+    "progress": True,
+    "seed": 0,
+    "device": "auto",
+    "amp": True,
+}
+
+
+def test_config_fields_defaults_and_dict_form_are_unchanged() -> None:
+    from training.config import DEFAULT_MODEL, TrainConfig
+    from training.models import DEFAULT_MODEL as MODELS_DEFAULT
+
+    assert DEFAULT_MODEL == MODELS_DEFAULT  # the copy that keeps torch out of config imports
+    assert TrainConfig().to_dict() == OLD_DEFAULTS_DICT
+    assert list(TrainConfig().to_dict()) == list(OLD_DEFAULTS_DICT)
+    assert TrainConfig.from_dict(OLD_DEFAULTS_DICT) == TrainConfig()
+    config = TrainConfig.from_dict({"lr": "2e-3", "steps": 3.0e2, "model_kwargs": {"k": (1, 2)}})
+    assert (config.lr, config.steps, type(config.steps)) == (2e-3, 300, int)
+    assert json.loads(json.dumps(config.to_dict()))["model_kwargs"] == {"k": [1, 2]}
+
+
+def test_config_errors_name_every_field_on_one_line() -> None:
+    from training.config import TrainConfig, TrainConfigError
+
+    with pytest.raises(TrainConfigError) as exc:
+        TrainConfig.from_dict({"stepz": 10, "lr": -1, "batch_size": 0, "steps": "ten"})
+    message = one_line(exc)
+    assert "\n" not in str(exc.value)
+    assert "unknown key 'stepz' (did you mean 'steps'?)" in message, message
+    for field in ("lr: must be > 0", "batch_size: must be >= 1", "steps: must be a whole"):
+        assert field in message, message
+    with pytest.raises(TrainConfigError, match="a TrainConfig is a mapping"):
+        TrainConfig.from_dict([("steps", 1)])
+    config = TrainConfig()
+    with pytest.raises(ValueError, match="steps"):
+        config.steps = 0  # assignments are validated too
+    assert config.steps == 20_000

@@ -599,7 +599,7 @@ def test_resume_refuses_a_different_config(store_url: str, tmp_path: Path) -> No
     ids=lambda p: p.name,
 )
 def test_shipped_training_configs_load_and_build_their_model(path: Path) -> None:
-    from flows.train import load_train_config
+    from training.config import load_train_config
 
     config = load_train_config(str(path))
     assert config.model in MODELS

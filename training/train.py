@@ -29,8 +29,6 @@ import math
 import os
 import shutil
 import time
-import typing
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,8 @@ from tqdm.auto import tqdm
 
 from dereverb_data.stft import StftConfig
 from training.checkpoint import not_a_checkpoint, one_line, read_checkpoint
+from training.config import TrainConfig
 from training.data import (
-    FEATURE_CHANNELS,
     CropDataset,
     ValidationDataset,
     crop_loader,
@@ -51,7 +49,7 @@ from training.data import (
     torch_istft,
 )
 from training.losses import DereverbLoss, si_sdr
-from training.models import DEFAULT_MODEL, MODELS, SpectralModel, build_model, count_parameters
+from training.models import SpectralModel, build_model, count_parameters
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # What a checkpoint holds beyond the model, to resume a run from it.
@@ -65,146 +63,6 @@ RESUMABLE_CHANGES = frozenset(
 
 class RunFolderError(ValueError):
     """A run folder that this run cannot use (a file, or another run's); the message names it."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (plain types only: it is saved in checkpoints)."""
-
-    # model
-    model: str = DEFAULT_MODEL  # a key of training.models.MODELS
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra model arguments
-    features: str | None = None  # None: the model's own (see training.data.FEATURE_CHANNELS)
-    compress_exponent: float = 0.3  # power-law compression of features and losses
-    # data
-    train_split: str = "train"
-    valid_split: str = "valid"
-    crop_frames: int = 256  # 2.05 s at hop 128 / 16 kHz: longer than most reverberant tails
-    batch_size: int = 16
-    num_workers: int = 2
-    # optimisation
-    lr: float = 1e-3
-    min_lr: float = 1e-5  # end of the cosine decay
-    warmup_steps: int = 500
-    steps: int = 20_000
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0  # max gradient norm; <= 0 disables clipping
-    # loss weights (training.losses.DereverbLoss)
-    magnitude_weight: float = 0.7
-    complex_weight: float = 0.3
-    mrstft_weight: float = 0.0
-    # validation, logging, checkpoints
-    eval_every: int = 1000
-    eval_examples: int = 8  # whole validation examples scored (spread over the split)
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    progress: bool = True  # tqdm bar
-    # run
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda" (or "cuda:1", ...)
-    amp: bool = True  # mixed precision, used only on CUDA (bfloat16 where supported)
-
-    def __post_init__(self) -> None:
-        _validate(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """A validated config; a wrong field raises ``ValueError`` naming it."""
-        if not isinstance(values, dict):
-            raise ValueError(f"a TrainConfig is a mapping of fields, not a {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(map(str, unknown))}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
-
-
-# Lowest allowed value of numeric fields, and whether the bound itself is allowed. Zero where a
-# field is a divisor or a count of things that must exist; fields not listed take any value.
-_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
-    "compress_exponent": (0, False),
-    "crop_frames": (1, True),
-    "batch_size": (1, True),
-    "num_workers": (0, True),
-    "lr": (0, False),
-    "min_lr": (0, True),
-    "warmup_steps": (0, True),
-    "steps": (1, True),
-    "weight_decay": (0, True),
-    "magnitude_weight": (0, True),
-    "complex_weight": (0, True),
-    "mrstft_weight": (0, True),
-    "eval_every": (1, True),
-    "eval_examples": (0, True),
-    "checkpoint_every": (1, True),
-    "log_every": (1, True),
-    "seed": (0, True),
-}
-
-
-def _checked_value(name: str, kind: Any, value: Any) -> Any:
-    """``value`` if it has the field's type (integral floats become ints), else ValueError."""
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}: must be true or false, got {value!r}")
-    elif kind is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        # bool is an int subclass: `steps: true` would otherwise mean one step.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}: must be a whole number, got {value!r}")
-    elif kind is float:
-        if isinstance(value, str):
-            # PyYAML reads `lr: 1e-3` (no dot) as a string (YAML 1.1); accept number strings.
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"{name}: must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{name}: must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    elif kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: must be a string, got {value!r}")
-    elif kind == str | None:
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name}: must be a string or null, got {value!r}")
-    elif typing.get_origin(kind) is dict and not isinstance(value, dict):
-        raise ValueError(f"{name}: must be a mapping, got {value!r}")
-    return value
-
-
-def _validate(config: TrainConfig) -> None:
-    """Check (and normalise) every field in place; the error names the first bad field."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(config):
-        value = _checked_value(f.name, hints[f.name], getattr(config, f.name))
-        setattr(config, f.name, value)
-        if f.name in _LOWER_BOUNDS:
-            low, inclusive = _LOWER_BOUNDS[f.name]
-            if value < low or (value == low and not inclusive):
-                relation = ">=" if inclusive else ">"
-                raise ValueError(f"{f.name}: must be {relation} {low:g}, got {value!r}")
-    if config.model not in MODELS:
-        raise ValueError(f"model: unknown model {config.model!r}; choose one of {sorted(MODELS)}")
-    if config.features is not None and config.features not in FEATURE_CHANNELS:
-        raise ValueError(
-            f"features: unknown features {config.features!r}; "
-            f"choose one of {sorted(FEATURE_CHANNELS)} or null"
-        )
-    if config.device != "auto":
-        try:
-            torch.device(config.device)
-        except (RuntimeError, ValueError):
-            raise ValueError(
-                f"device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}"
-            ) from None
 
 
 def model_arguments(config: TrainConfig) -> dict[str, Any]:
