@@ -255,9 +255,6 @@ class DatasetStore:
         """The file's text; ``FileNotFoundError`` when it is absent."""
         return read_bytes(self.fs, f"{self.root}/{relative}").decode()
 
-    def load_plan(self) -> Plan:
-        return Plan.from_json(self.read_text(f"{BUILD_DIR}/plan.json"))
-
     def _marker_path(self, shard_id: int) -> str:
         return f"{BUILD_DIR}/shards/{shard_id:06d}.json"
 
@@ -277,9 +274,6 @@ class DatasetStore:
     def shard_is_done(self, shard_id: int, fingerprint: str) -> bool:
         marker = self.marker(shard_id)
         return marker is not None and marker.fingerprint == fingerprint
-
-    def done_count(self) -> int:
-        return len(self.fs.glob(f"{self.root}/{BUILD_DIR}/shards/*.json"))
 
     def write_labels(self, shard_id: int, rows: list[dict]) -> None:
         self._write_text(f"{BUILD_DIR}/labels/{shard_id:06d}.json", json.dumps(rows))

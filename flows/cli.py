@@ -104,6 +104,20 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _enhance_phase(text: str) -> str:
+    """``--phase`` of enhance; ``reverberant``, its old name for ``model``, still works."""
+    if text == "reverberant":
+        # The old name said the opposite of what it did for complex models (they keep their
+        # own phase), so it is only an alias now, with a warning.
+        print(
+            "warning: --phase reverberant is deprecated; it means --phase model "
+            "(the model's own output)",
+            file=sys.stderr,
+        )
+        return "model"
+    return text
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from dereverb_data.build import plan_inputs
     from dereverb_data.manifest import load_manifest
@@ -593,9 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enhance.add_argument(
         "--phase",
-        default="reverberant",
-        choices=["reverberant", "fgla", "gd"],
-        help="reverberant: the model's own output (complex models keep their phase)",
+        default="model",
+        type=_enhance_phase,
+        choices=["model", "fgla", "gd"],
+        help="model: its own output (complex models keep their own phase, magnitude models "
+        "the reverberant one); fgla/gd: its magnitude with reconstructed phase",
     )
     enhance.set_defaults(func=cmd_enhance)
 

@@ -8,10 +8,11 @@
   changed are redone) and then reports which manifest fields changed and what was redone, as
   a log line and a markdown artifact (key ``dataset-regenerate``).
 
-Both are served by one long-lived process, which runs at most one of them at a time, on a
-local Dask cluster it keeps for its lifetime (or ``--dask-address``; ``--workers 1``: in-process)::
+Both are served by one long-lived process, ``dereverb serve`` (``flows/cli.py``), which runs at
+most one of them at a time, on a local Dask cluster it keeps for its lifetime (or
+``--dask-address``; ``--workers 1``: in-process)::
 
-    python -m flows.deployments MANIFEST --store URL [--cron "0 2 * * *"] [--workers N]
+    dereverb serve MANIFEST --store URL [--cron "0 2 * * *"] [--workers N]
 
 and are triggered from anywhere that reaches the same Prefect API::
 
@@ -23,7 +24,6 @@ and logs live there). Stopping it (Ctrl-C) pauses the schedule until it is serve
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.types.entrypoint import EntrypointType
 
 from .build import build_dataset, run_build
-from .local_dask import served_cluster
 from .runners import task_runner
 
 BUILD_DEPLOYMENT = "scheduled"
@@ -155,38 +154,3 @@ def deployments(
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
     ]
-
-
-def serve(
-    manifest_path: str,
-    store_url: str,
-    cron: str | None = DEFAULT_CRON,
-    workers: int | None = None,
-    dask_address: str | None = None,
-) -> None:
-    """Register both deployments and run their flow runs here, one at a time (blocks)."""
-    import prefect
-
-    from .server import quiet_prefect
-
-    quiet_prefect()
-    with served_cluster(workers, dask_address) as address:
-        prefect.serve(*deployments(manifest_path, store_url, cron, workers, address), limit=1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.deployments", description="Serve the build/regenerate deployments."
-    )
-    parser.add_argument("manifest")
-    parser.add_argument("--store", required=True)
-    parser.add_argument("--cron", default=DEFAULT_CRON, help="build schedule; '' for none")
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--dask-address")
-    args = parser.parse_args(argv)
-    serve(args.manifest, args.store, args.cron or None, args.workers, args.dask_address)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

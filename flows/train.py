@@ -1,4 +1,7 @@
-"""Prefect flows ``train-model`` and ``evaluate-model``: thin wrappers over ``training``."""
+"""The Prefect flow ``train-model`` and its deployment: a thin wrapper over ``training``.
+
+Evaluation is a command (``dereverb evaluate``), not a flow: nothing serves or schedules it.
+"""
 
 from __future__ import annotations
 
@@ -54,27 +57,3 @@ def train_deployment(data_url: str, out_dir: str, config_path: str | None, cron:
         tags=["dereverb"],
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
-
-
-@flow(name="evaluate-model", log_prints=True)
-def evaluate_model(
-    checkpoint: str,
-    out_dir: str,
-    data_url: str | None = None,
-    split: str = "test",
-    speech_dir: str | None = None,
-    rir_dir: str | None = None,
-    phase: str = "model",
-    limit: int | None = None,
-) -> str:
-    """Score a checkpoint next to input, WPE and the oracle; publish the summary table."""
-    from training.evaluate import evaluate
-
-    table = evaluate(checkpoint, out_dir, data_url, split, speech_dir, rir_dir, phase, limit)
-    source = data_url or f"{speech_dir} x {rir_dir}"
-    create_markdown_artifact(
-        key="evaluation",
-        markdown=f"# Evaluation of `{checkpoint}`\n\nOn {source}.\n\n{table}",
-        description="Evaluation summary",
-    )
-    return table

@@ -78,7 +78,8 @@ def test_changed_fields_lists_dotted_paths() -> None:
 def test_served_deployments_build_then_regenerate(
     prefect_api: str, tmp_path: Path, workers: int
 ) -> None:
-    """``workers=1``: runs in-process; 2: on the local cluster ``serve`` keeps running."""
+    """``dereverb serve`` as a user runs it. ``workers=1``: runs in-process; 2: on the local
+    cluster ``serve`` keeps running."""
     from prefect.deployments import run_deployment
 
     manifest = write_manifest(tmp_path)
@@ -88,12 +89,12 @@ def test_served_deployments_build_then_regenerate(
     # ignored SIGINT (Python then installs no KeyboardInterrupt handler).
     script = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from flows.deployments import serve; "
-        "serve(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]))"
+        "from flows.cli import main; sys.exit(main(sys.argv[1:]))"
     )
+    command = ["serve", manifest, "--store", store, "--workers", str(workers)]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", script, manifest, store, str(workers)],
+            [sys.executable, "-c", script, *command],
             cwd=REPO,
             env=cli_env(prefect_api),
             stdout=out,
