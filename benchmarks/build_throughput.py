@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dereverb_data import build as steps  # noqa: E402
-from dereverb_data.corpus import load_utterance, scan_corpus  # noqa: E402
+from dereverb_data.corpus import scan_corpus  # noqa: E402
+from dereverb_data.demo_corpus import synthesize_utterance  # noqa: E402
 from dereverb_data.manifest import parse_manifest  # noqa: E402
 from dereverb_data.plan import make_plan  # noqa: E402
 
@@ -92,7 +93,9 @@ def naive_build(manifest, out: Path) -> tuple[float, Counter]:
         room.compute_rir()
         rir = np.asarray(room.rir[0][0])
         t1 = time.perf_counter()
-        dry = load_utterance(plan.utterances[example.utterance_id], fs)
+        # Loaded per variant, as a per-example script does (not through our decode cache).
+        _, speaker, index = plan.utterances[example.utterance_id].source.split(":")
+        dry = synthesize_utterance(speaker, int(index), fs)
         wet = scipy.signal.fftconvolve(dry, rir)[: example.num_samples]
         delay = int(np.argmax(np.abs(rir)))
         clean = np.zeros(example.num_samples)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -334,12 +335,16 @@ def _scan_lhotse(
 def _scan_demo(corpus: DemoCorpus, sample_rate: int) -> list[Utterance]:
     utterances = []
     for item in demo_utterances(corpus.speakers, corpus.utterances_per_speaker):
-        signal = synthesize_utterance(item.speaker, item.index, sample_rate)
+        source = f"demo:{item.speaker}:{item.index}"
+        signal = _cached(  # the build renders it next: synthesise it once
+            (source, sample_rate),
+            lambda: synthesize_utterance(item.speaker, item.index, sample_rate),  # noqa: B023
+        )
         utterances.append(
             Utterance(
                 utterance_id=item.utterance_id,
                 speaker=item.speaker,
-                source=f"demo:{item.speaker}:{item.index}",
+                source=source,
                 content_hash=hashlib.sha256(signal.tobytes()).hexdigest()[:24],
                 num_samples=int(signal.size),
                 source_rate=sample_rate,
@@ -349,15 +354,49 @@ def _scan_demo(corpus: DemoCorpus, sample_rate: int) -> list[Utterance]:
     return utterances
 
 
+# Decoded utterances kept per process: every utterance is rendered once per variant, in rooms
+# that lie in different shards, so a worker meets it again shard after shard. Decoding and
+# resampling (or synthesising a demo utterance, 30 ms) then happens once, not once per variant.
+UTTERANCE_CACHE_BYTES = 256 * 2**20
+_decoded: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+
+def _cached(key: tuple, load) -> np.ndarray:
+    """``load()``'s array, read-only, from a least-recently-used cache of decoded audio."""
+    signal = _decoded.get(key)
+    if signal is not None:
+        _decoded.move_to_end(key)
+        return signal
+    signal = load()
+    signal.flags.writeable = False  # shared by every caller: nobody may change it in place
+    if signal.nbytes <= UTTERANCE_CACHE_BYTES:
+        _decoded[key] = signal
+        total = sum(s.nbytes for s in _decoded.values())
+        while total > UTTERANCE_CACHE_BYTES:
+            total -= _decoded.popitem(last=False)[1].nbytes
+    return signal
+
+
 def load_utterance(utterance: Utterance, sample_rate: int, downmix: str = "mean") -> np.ndarray:
-    """The utterance's samples exactly as scanned (same rate, same downmix, same length)."""
+    """The utterance's samples exactly as scanned (same rate, same downmix, same length).
+
+    The array is read-only (it may be shared through the decode cache). A file is hashed on
+    every call, cached or not, so one that changed since the plan is refused even after an
+    earlier load.
+    """
     if utterance.source.startswith("demo:"):
         _, speaker, index = utterance.source.split(":")
-        signal = synthesize_utterance(speaker, int(index), sample_rate)
+        signal = _cached(
+            (utterance.source, sample_rate),
+            lambda: synthesize_utterance(speaker, int(index), sample_rate),
+        )
     else:
         if file_hash(Path(utterance.source)) != utterance.content_hash:
             raise AudioError(f"{utterance.source}: file content changed since the plan was made")
-        signal, _, _ = read_audio(utterance.source, sample_rate, downmix)
+        signal = _cached(
+            (utterance.source, utterance.content_hash, sample_rate, downmix),
+            lambda: read_audio(utterance.source, sample_rate, downmix)[0],
+        )
     if signal.size != utterance.num_samples:
         raise AudioError(
             f"{utterance.source}: changed since the plan was made "

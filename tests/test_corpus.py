@@ -665,3 +665,21 @@ def test_scan_cache_is_not_shared_across_scan_settings(mixed_corpus: Path) -> No
     lengths = {u.utterance_id: u.num_samples for u in at_16k}
     for u in at_8k:
         assert abs(u.num_samples * 2 - lengths[u.utterance_id]) <= 2
+
+
+def test_load_utterance_decodes_once_and_shares_a_read_only_array(mixed_corpus: Path) -> None:
+    from dereverb_data import corpus as corpus_module
+
+    # The build renders each utterance once per variant: the decode cache hands the same
+    # samples back, read-only, so no caller can change what the next variant gets.
+    manifest = _manifest(mixed_corpus)
+    utt = _scan(manifest)[0][0]
+    first = load_utterance(utt, manifest.sample_rate, manifest.corpus.downmix)
+    again = load_utterance(utt, manifest.sample_rate, manifest.corpus.downmix)
+    assert again is first and not first.flags.writeable
+    with pytest.raises(ValueError):
+        first[0] = 1.0
+    corpus_module._decoded.clear()  # decoded afresh: the same samples
+    fresh = load_utterance(utt, manifest.sample_rate, manifest.corpus.downmix)
+    assert fresh is not first
+    np.testing.assert_array_equal(fresh, first)
