@@ -11,11 +11,13 @@ which runs Prefect's threads, would not be); Dask's own test suite runs its work
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from prefect_dask import DaskTaskRunner
 
@@ -46,6 +48,22 @@ LOCAL_CLUSTER_CONFIG = {
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.worker.memory.monitor-interval": "500ms",
 }
+
+
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """``LocalCluster`` arguments of the build's local cluster: ``workers`` one-thread worker
+    processes, no dashboard, Dask's INFO lines off, one BLAS/pyroomacoustics thread each."""
+    return {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        # No dashboard, but the scheduler still serves /health over HTTP, on 8787 unless told
+        # otherwise: a second build (or a user's own cluster) there made Dask warn.
+        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
+        "silence_logs": logging.ERROR,
+        "env": {name: "1" for name in THREAD_VARIABLES},
+    }
 
 
 @contextlib.contextmanager
@@ -164,18 +182,16 @@ def served_cluster(workers: int | None, dask_address: str | None) -> Iterator[st
     for the life of the process: each served run then connects to warm workers instead of
     starting and importing its own, which dominated small regenerations.
     """
-    from distributed import LocalCluster
-
-    from .runners import task_runner
-
     if dask_address or workers == 1:
         yield dask_address
         return
     import dask
+    from distributed import LocalCluster
 
-    runner = task_runner(workers)
     start_worker_forkserver()
     with dask.config.set(LOCAL_CLUSTER_CONFIG):
-        cluster = LocalCluster(**runner.cluster_kwargs)
+        # One worker per core by default, as flows.runners.task_runner (not imported: the two
+        # modules must not import each other).
+        cluster = LocalCluster(**local_cluster_kwargs(workers or max(1, os.cpu_count() or 1)))
     with cluster:
         yield cluster.scheduler_address

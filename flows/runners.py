@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from urllib.parse import urlsplit
 
 from prefect.task_runners import ThreadPoolTaskRunner
-
-from dereverb_data.build import THREAD_VARIABLES
 
 
 class ClusterError(RuntimeError):
@@ -46,19 +43,8 @@ def task_runner(workers: int | None = None, dask_address: str | None = None):
     workers = workers or default_workers()
     if workers == 1:
         return ThreadPoolTaskRunner(max_workers=1)
-    from .local_dask import LocalDaskTaskRunner
+    from .local_dask import LocalDaskTaskRunner, local_cluster_kwargs
 
     return LocalDaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-            # No dashboard, but the scheduler still serves /health over HTTP, on 8787 unless
-            # told otherwise: a second build (or a user's own cluster) there made Dask warn.
-            "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
-            "silence_logs": logging.ERROR,
-            "env": {name: "1" for name in THREAD_VARIABLES},
-        },
+        cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(workers)
     )
