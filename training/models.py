@@ -84,6 +84,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def count_macs(model: SpectralModel, n_frames: int = 126) -> int:
+    """Multiply-accumulates of one forward pass on ``(1, n_frames, F)`` (126 frames: 1 s).
+
+    Counted by ``torch.utils.flop_counter`` (matrix products and convolutions, RNNs through
+    the products they decompose into; FLOPs / 2); element-wise work is not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = torch.randn(1, n_frames, model.n_freq, dtype=torch.complex64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(spec)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 # ---------------------------------------------------------------------------------------------
 # unet: Ernst et al., "Speech Dereverberation Using Fully Convolutional Networks", EUSIPCO 2018
 # ---------------------------------------------------------------------------------------------
@@ -392,9 +411,18 @@ class BandSplitRNN(SpectralModel):
 # Registry
 # ---------------------------------------------------------------------------------------------
 
+
+def _gtcrn(n_freq: int, **kwargs) -> SpectralModel:
+    # Imported on use: training.models_efficient subclasses SpectralModel from this module.
+    from training.models_efficient import GTCRN
+
+    return GTCRN(n_freq, **kwargs)
+
+
 MODELS: dict[str, Callable[..., SpectralModel]] = {
     "bsrnn_lite": BandSplitRNN,
     "unet": UNet,
+    "gtcrn": _gtcrn,  # training/models_efficient.py
 }
 DEFAULT_MODEL = "bsrnn_lite"
 
