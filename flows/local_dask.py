@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -79,6 +80,28 @@ def _one_thread_environment() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """SIGINT ignored while the fork server starts, so it and every worker it forks ignore it.
+
+    Ctrl-C on a terminal (how ``dereverb serve`` is stopped) sends SIGINT to the whole process
+    group, the workers included: each died on its own, printing a KeyboardInterrupt traceback
+    and CommClosedError tracebacks for the connections it dropped, before the cluster could
+    close it. An ignored signal stays ignored across fork and exec (Python then installs no
+    KeyboardInterrupt handler), so only the process that owns the cluster gets Ctrl-C, and it
+    closes the cluster in order, which ends the workers. Signal handlers can only be changed
+    in the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def start_worker_forkserver() -> None:
@@ -188,7 +211,8 @@ def served_cluster(workers: int | None, dask_address: str | None) -> Iterator[st
     import dask
     from distributed import LocalCluster
 
-    start_worker_forkserver()
+    with _sigint_ignored_by_children():
+        start_worker_forkserver()
     with dask.config.set(LOCAL_CLUSTER_CONFIG):
         # One worker per core by default, as flows.runners.task_runner (not imported: the two
         # modules must not import each other).

@@ -149,4 +149,7 @@ def test_served_deployments_build_then_regenerate(
                 process.wait(timeout=30)
     # A clean shutdown pauses the deployments, so no schedule fires while no one serves them.
     assert process.returncode == 0, log.read_text()[-3000:]
+    # Ctrl-C reaches the workers too (the whole process group): they must leave it to serve,
+    # which closes the cluster, rather than each print a KeyboardInterrupt traceback.
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     assert asyncio.run(_read_deployment(BUILD)).paused
