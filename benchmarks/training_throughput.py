@@ -23,12 +23,19 @@ one-thread real-time factor of ``enhance_spec`` (``training.models.measure_speed
 on 1 s of audio). Ratios are against ``bsrnn_lite`` (eager) at the same thread count in the
 same run.
 
-    python benchmarks/training_throughput.py [--batch 8] [--crop 256] [--threads 2,1]
+    python benchmarks/training_throughput.py [--batch 4] [--crop 256] [--threads 2,1]
+        [--models bsrnn_lite,unet,gtcrn,gtcrn:rnn=gru] [--variants eager,bf16] [--omp-passive]
+
+A model is a registry name, optionally with keyword arguments after a colon, ``;`` between
+them: ``gtcrn:rnn=gru;frame_stride=1``. ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` before
+torch starts: OpenMP threads then sleep instead of spinning while they wait, which matters
+when other processes share the cores (see benchmarks/training_throughput.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import platform
 import statistics
@@ -36,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+if "--omp-passive" in sys.argv:  # read by OpenMP when torch loads: before the import
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import torch
 
@@ -72,12 +82,25 @@ def make_batch(batch: int, crop: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"reverberant": reverberant, "clean": clean, "mask": torch.ones(batch, crop)}
 
 
-def time_training(
-    name: str, variant: str, batch: dict[str, torch.Tensor], steps: int
-) -> dict[str, float]:
-    """Median wall and CPU seconds of one training step of model ``name`` in ``variant``."""
-    torch.manual_seed(0)
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"gtcrn:rnn=gru;frame_stride=1"`` -> ``("gtcrn", {"rnn": "gru", "frame_stride": 1})``."""
+    name, _, rest = spec.partition(":")
     kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
+
+
+def time_training(
+    spec: str, variant: str, batch: dict[str, torch.Tensor], steps: int
+) -> dict[str, float]:
+    """Median wall and CPU seconds of one training step of model ``spec`` in ``variant``."""
+    torch.manual_seed(0)
+    name, kwargs = parse_spec(spec)
     if variant == "channels_last" and name == "gtcrn":
         kwargs["channels_last"] = True
     model = build_model(name, N_FREQ, **kwargs)
@@ -113,9 +136,9 @@ def time_training(
     return {"wall": statistics.median(walls), "cpu": statistics.median(cpus), "warmup": warmup}
 
 
-def variants_for(name: str, compile_too: bool) -> list[str]:
+def variants_for(spec: str, compile_too: bool) -> list[str]:
     names = ["eager", "fused"]
-    if name in CONV_MODELS:
+    if parse_spec(spec)[0] in CONV_MODELS:
         names.append("channels_last")
     if bf16_supported():
         names.append("bf16")
@@ -136,19 +159,24 @@ def machine_line() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-        f"bf16 {'yes' if bf16_supported() else 'no'}; load average at start: {load}"
+        f"bf16 {'yes' if bf16_supported() else 'no'}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}; "
+        f"load average at start: {load}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--models", default=",".join([*MODELS, "gtcrn:rnn=gru", "gtcrn:frame_stride=1"])
+    )
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--crop", type=int, default=256, help="frames (hop 128 at 16 kHz)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--threads", default="2,1")
     parser.add_argument("--variants", default=None, help="comma list; default: all that apply")
     parser.add_argument("--compile", action="store_true", help="also try torch.compile")
+    parser.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE")
     args = parser.parse_args()
     names = args.models.split(",")
     if BASELINE not in names:
@@ -175,7 +203,11 @@ def main() -> None:
                 wanted = args.variants.split(",")
                 variants = [v for v in variants if v in wanted or v == "eager"]
             for variant in variants:
-                result = time_training(name, variant, batch, args.steps)
+                try:
+                    result = time_training(name, variant, batch, args.steps)
+                except Exception as exc:  # a variant this model or CPU cannot do: say so
+                    print(f"| {name} | {threads} | {variant} | failed: {exc!s:.80} |||||||")
+                    continue
                 if name == BASELINE and variant == "eager":
                     baseline = result
                 assert baseline is not None
@@ -199,7 +231,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in names:
         torch.manual_seed(0)
-        model = build_model(name, N_FREQ)
+        model = build_model(parse_spec(name)[0], N_FREQ, **parse_spec(name)[1])
         seconds = measure_speed(model, n_frames=1 + SAMPLE_RATE // HOP, repeats=10, threads=1)
         print(
             f"| {name} | {count_parameters(model):,} | {count_macs(model) / 1e6:.1f} "
