@@ -132,14 +132,52 @@ def run_arm(name: str, corpus: Path, work: Path, steps: int) -> dict[str, float]
     step("train", runs / "metrics.json", [dereverb, "train", "--data", str(store),
                                           "--config", str(config), "--out", str(runs)])  # fmt: skip
     checkpoint = str(runs / "checkpoint.pt")
+    me = [sys.executable, str(Path(__file__).resolve()), "--score", checkpoint]
     step("eval-sim", folder / "eval-sim" / "per_example.csv",
-         [dereverb, "evaluate", "--checkpoint", checkpoint, "--data", str(store),
-          "--split", "test", "--out", str(folder / "eval-sim")])  # fmt: skip
+         [*me, "--data", str(store), "--out", str(folder / "eval-sim")])  # fmt: skip
     step("eval-real", folder / "eval-real" / "per_example.csv",
-         [dereverb, "evaluate", "--checkpoint", checkpoint, "--speech", str(SHARED / "speech"),
-          "--rirs", str(SHARED / "rir"), "--pairs-per-rir", "4",
-          "--out", str(folder / "eval-real")])  # fmt: skip
+         [*me, "--real", "--out", str(folder / "eval-real")])  # fmt: skip
     return timings
+
+
+def score_checkpoint(checkpoint: str, out: Path, data: str | None) -> None:
+    """Input and model scores (METRICS only) on a store's test split, or the real-room check
+    (``data`` None): what ``dereverb evaluate`` computes for these two systems, without its
+    WPE, oracle, SRMR and plots, which would take most of each arm's time."""
+    import torch
+
+    from dereverb_data.stft import istft, stft
+    from training.enhance import model_spec_fn, reconstruct_fn
+    from training.evaluate import load_checkpoint, real_room_examples, store_examples
+    from training.metrics import compute_metrics
+
+    torch.set_num_threads(1)
+    model, config, sample_rate = load_checkpoint(checkpoint)
+    model_fn = reconstruct_fn(model_spec_fn(model, torch.device("cpu")), "model", config)
+    examples = (
+        store_examples(data, "test")
+        if data is not None
+        else real_room_examples(SHARED / "speech", SHARED / "rir", sample_rate, 4)
+    )
+    rows = []
+    for example in examples:
+        n = example.reverberant.size
+        outputs = {
+            "input": example.reverberant,
+            "model": istft(model_fn(stft(example.reverberant, config)), config, n),
+        }
+        for system, signal in outputs.items():
+            result = compute_metrics(signal, example.target, sample_rate, METRICS)
+            missing = "; ".join(f"{k}: {v}" for k, v in sorted(result.missing.items()))
+            rows.append({"example_id": example.example_id, "rt60": example.rt60,
+                         "system": system, **result.values, "missing": missing})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "per_example.csv.partial"
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["example_id", "rt60", "system", *METRICS, "missing"])
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(out / "per_example.csv")  # the step's done-marker: only when complete
 
 
 def means(per_example: Path) -> dict[str, dict[str, float]]:
@@ -200,12 +238,21 @@ def table(work: Path, names: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=SHARED / "speech-train")
-    parser.add_argument("--work", type=Path, required=True, help="folder for stores and runs")
+    parser.add_argument("--work", type=Path, help="folder for stores and runs (required)")
     parser.add_argument("--arm", action="append", choices=list(ARMS), help="default: all")
     parser.add_argument("--steps", type=int, default=1000, help="training steps per arm")
     parser.add_argument("--jobs", type=int, default=2, help="arms run side by side")
     parser.add_argument("--table-only", action="store_true", help="print the table of what ran")
+    parser.add_argument("--score", metavar="CHECKPOINT", help=argparse.SUPPRESS)  # one arm's
+    parser.add_argument("--data", help=argparse.SUPPRESS)  # evaluation, in its own process
+    parser.add_argument("--real", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.score:
+        score_checkpoint(args.score, args.out, None if args.real else args.data)
+        return
+    if args.work is None:
+        parser.error("--work is required")
     names = args.arm or list(ARMS)
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
