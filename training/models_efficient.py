@@ -323,9 +323,13 @@ def _conv_block(conv: nn.Module, channels: int) -> nn.Sequential:
 class GTCRN(SpectralModel):
     """GTCRN-style causal complex-mask model (``gtcrn``); see the module docstring.
 
-    Defaults (``channels=16``, 257 bins): about 48 k parameters, about 60 M MACs per second of
-    audio at hop 128 (the paper: 48 k and 33 M at hop 256). ``rnn="gru"`` for ``nn.GRU``
-    recurrences as in the paper (same arithmetic, slower to train on CPU).
+    Defaults (``channels=16``, 257 bins): 16.9 k parameters (the paper reports 48 k; this
+    reading of its description, 16 channels throughout, has fewer), 31 M MACs per
+    second of audio (``count_macs``; the paper: 33 M), about 17-21 ms per second of audio on one
+    thread (50-60x real time, on the shared 2-core development VM). Training on CPU: about
+    2-2.6x ``bsrnn_lite``'s audio seconds per CPU second (``frame_stride=4``: 4.4x at batch 16),
+    see ``benchmarks/training_throughput.md``. ``rnn="gru"`` for ``nn.GRU`` recurrences as in
+    the paper (same structure, slower to train on CPU).
     """
 
     def __init__(
