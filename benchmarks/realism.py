@@ -37,6 +37,14 @@ TRAIN_CONFIG = ROOT / "manifests" / "training" / "unet.yaml"
 SHARED = ROOT.parent / "shared" / "data"
 METRICS = ("pesq_wb", "estoi", "si_sdr")
 
+# Every arm starts from the recipe with the rooms it had before issue 12 (whatever the recipe
+# says now), so the arms stay the same datasets when the recipe changes. None deletes a key.
+TODAY = {
+    "simulation": {"method": "auto"},
+    "rooms": {"rt60_s": [0.25, 1.5], "measured": None},
+    "augmentation": None,
+    "noise": None,
+}
 WIDE = {"rooms": {"rt60_s": [0.25, 2.5]}}
 DIFFUSE = {"simulation": {"method": "diffuse"}}
 AUGMENT = {
@@ -44,15 +52,15 @@ AUGMENT = {
 }
 NOISE = {"noise": {"probability": 0.5, "snr_db": [10, 40]}}
 MEASURED_SHARE = 0.5
-NEW_ROOMS = [DIFFUSE, WIDE, "measured", AUGMENT]  # the candidate recipe
+NEW_ROOMS = [DIFFUSE, WIDE, "measured", AUGMENT]  # the candidate with every new source
 
 # name -> (what it changes, manifest overrides, seed offset). Ordered so that a run cut short
 # still compares today's rooms with the candidates that matter most.
 ARMS: dict[str, tuple[str, list, int]] = {
-    "today": ("recipe as of issue 12: auto (hybrid), RT60 0.25-1.5 s", [], 0),
+    "today": ("recipe before issue 12: auto (hybrid), RT60 0.25-1.5 s", [], 0),
     "measured-aug": ("diffuse 0.25-2.5 s + measured pool + augmentation", NEW_ROOMS, 0),
     "diffuse": ("diffuse, RT60 0.25-1.5 s", [DIFFUSE], 0),
-    "diffuse-wide": ("diffuse, RT60 0.25-2.5 s", [DIFFUSE, WIDE], 0),
+    "diffuse-wide": ("diffuse, RT60 0.25-2.5 s (the recipe now)", [DIFFUSE, WIDE], 0),
     "measured": ("diffuse 0.25-2.5 s + measured pool", [DIFFUSE, WIDE, "measured"], 0),
     "diffuse-aug": ("diffuse 0.25-2.5 s + augmentation", [DIFFUSE, WIDE, AUGMENT], 0),
     "measured-aug-noise": ("measured-aug + noise (SNR 10-40 dB, half)", [*NEW_ROOMS, NOISE], 0),
@@ -61,10 +69,13 @@ ARMS: dict[str, tuple[str, list, int]] = {
 
 
 def merge(base: dict, override: dict) -> dict:
-    """``base`` with ``override`` merged in, recursively (mappings merge; other values replace)."""
+    """``base`` with ``override`` merged in, recursively (mappings merge; other values replace;
+    None deletes the key)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -81,7 +92,7 @@ def measured_pool() -> dict:
 
 def arm_manifest(name: str, corpus: Path) -> dict:
     _, overrides, seed_offset = ARMS[name]
-    manifest = yaml.safe_load(RECIPE.read_text())
+    manifest = merge(yaml.safe_load(RECIPE.read_text()), TODAY)
     for override in overrides:
         manifest = merge(manifest, measured_pool() if override == "measured" else override)
     manifest["name"] = f"realism-{name}"
