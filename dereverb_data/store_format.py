@@ -439,7 +439,8 @@ def read_index(
         columns[column.name] = read_array(url, array, path, hint)
     for name in sorted(present - COLUMNS_BY_NAME.keys()):
         path = f"{INDEX_GROUP}/{name}"
-        columns[name] = read_array(url, open_store_array(url, group, path, hint), path, hint)
+        array = open_store_array(url, group, path, hint, **fs_options)
+        columns[name] = read_array(url, array, path, hint)
     n = len(columns["example_id"])
     for column in INDEX_COLUMNS:
         if column.name not in columns:
