@@ -10,9 +10,7 @@ its checksum written under ``_build/shards/``. A crashed build redoes shards wit
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -36,24 +34,10 @@ from .store_format import (
     open_store_array,
     open_store_group,
     shard_checksum,
+    shard_keys,
     signal_layout,
     write_index_group,
 )
-
-
-def shard_keys(array: zarr.Array, shard_row: int) -> list[str]:
-    """The storage keys (relative to the array) of the objects holding shard row ``shard_row``.
-
-    With ``shards=`` set, zarr stores one object per shard, named by the array's chunk key
-    encoding applied to the shard's grid coordinates: ``c/<k>/0`` for ``(frames, freq)``,
-    ``c/<k>/0/0`` for float16's ``(frames, freq, 2)``. Trailing dimensions are spanned by
-    one shard in this layout, but every grid cell of the row is listed in case they are not.
-    """
-    outer = array.shards or array.chunks
-    rest = [range(math.ceil(n / c)) for n, c in zip(array.shape[1:], outer[1:], strict=True)]
-    return [
-        array.metadata.encode_chunk_key((shard_row, *cell)) for cell in itertools.product(*rest)
-    ]
 
 
 def package_versions() -> dict[str, str]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
+import math
 import os
 import typing
 import warnings
@@ -287,6 +289,21 @@ def create_signal_arrays(
         name: group.create_array(name, fill_value=0, compressors=compressors, **layout)
         for name in SIGNALS
     }
+
+
+def shard_keys(array: zarr.Array, shard_row: int) -> list[str]:
+    """The storage keys (relative to the array) of the objects holding shard row ``shard_row``.
+
+    With ``shards=`` set, zarr stores one object per shard, named by the array's chunk key
+    encoding applied to the shard's grid coordinates: ``c/<k>/0`` for ``(frames, freq)``,
+    ``c/<k>/0/0`` for float16's ``(frames, freq, 2)``. Trailing dimensions are spanned by
+    one shard in this layout, but every grid cell of the row is listed in case they are not.
+    """
+    outer = array.shards or array.chunks
+    rest = [range(math.ceil(n / c)) for n, c in zip(array.shape[1:], outer[1:], strict=True)]
+    return [
+        array.metadata.encode_chunk_key((shard_row, *cell)) for cell in itertools.product(*rest)
+    ]
 
 
 def layout_attrs(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from .store import DatasetStore, shard_keys
+from .store import DatasetStore
 from .store_format import (
     CHECKSUMS,
     DAMAGED_HINT,
@@ -25,6 +25,7 @@ from .store_format import (
     open_store_group,
     read_array,
     shard_checksum,
+    shard_keys,
 )
 
 # Attributes verify needs besides those every store reader needs.
