@@ -200,12 +200,13 @@ def index_columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Rows (column name -> value, every column of :data:`INDEX_COLUMNS`) -> typed columns.
 
     None in a float column is NaN (a label that does not apply, such as ``snr_db`` without
-    noise, or ``target_rt60`` of a measured room); a missing column is an error.
+    noise, or ``target_rt60`` of a measured room). A missing column is an error, except one
+    added later (``since``), which is None as in the stores that predate it.
     """
     values: dict[str, list] = {c.name: [] for c in INDEX_COLUMNS}
     for row in rows:
         for column in INDEX_COLUMNS:
-            value = row[column.name]
+            value = row.get(column.name) if column.optional else row[column.name]
             if value is None and column.dtype == "float64":
                 value = np.nan
             values[column.name].append(value)

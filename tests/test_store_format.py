@@ -78,6 +78,9 @@ def test_index_columns_type_values_and_missing_floats_are_nan() -> None:
     assert columns["gain_limited"].dtype == bool and columns["example_id"].dtype.kind == "U"
     with pytest.raises(KeyError):
         index_columns([planned])  # a label missing is an error, not a silent NaN
+    later = {**planned, **labels().index_values()}
+    del later["snr_db"]  # a column added later may be absent: NaN, as in older stores
+    assert np.isnan(index_columns([later])["snr_db"][0])
 
 
 def test_a_store_without_a_later_column_reads_it_as_nan(synthetic: Path, tmp_path: Path) -> None:

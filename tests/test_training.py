@@ -138,7 +138,6 @@ def write_synthetic_store(path: Path, storage_dtype: str = "complex64", seed: in
                 "drr_db": 5.0,
                 "c50_db": 10.0,
                 "distance_m": 1.5,
-                "snr_db": None,
             }
         )
         # Next example starts at the next chunk boundary, leaving at least one zero frame.
