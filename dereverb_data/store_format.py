@@ -97,7 +97,8 @@ def _label(*, index: bool = True, since: str | None = None, optional: bool = Fal
     return field(metadata=metadata)
 
 
-@dataclass(frozen=True)
+# kw_only: a new field may go anywhere, with or without a default.
+@dataclass(frozen=True, kw_only=True)
 class ExampleLabels:
     """What rendering an example measured and decided: one record from ``render_shard_step``
     through the shard's labels file (``_build/labels/``) to the index.
@@ -193,7 +194,8 @@ def _label_columns() -> tuple[Column, ...]:
 
 INDEX_COLUMNS: tuple[Column, ...] = (*PLANNED_COLUMNS, *_label_columns())
 COLUMNS_BY_NAME = {c.name: c for c in INDEX_COLUMNS}
-assert len(COLUMNS_BY_NAME) == len(INDEX_COLUMNS), "an index column is defined twice"
+if len(COLUMNS_BY_NAME) != len(INDEX_COLUMNS):  # a label field named like a planned column
+    raise TypeError("an index column is defined twice in store_format")
 
 
 def index_columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
