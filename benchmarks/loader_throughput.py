@@ -66,8 +66,10 @@ from torch.optim.lr_scheduler import LambdaLR
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import dereverb_data.store_format  # noqa: E402
 import training.data  # noqa: E402
-from training.data import SIGNALS, CropDataset, crop_loader, decode_frames, open_store  # noqa: E402
+from dereverb_data.store_format import SIGNALS, decode, open_store  # noqa: E402
+from training.data import CropDataset, crop_loader  # noqa: E402
 from training.losses import DereverbLoss  # noqa: E402
 from training.models import build_model, count_parameters  # noqa: E402
 from training.train import TrainConfig, lr_factor, model_arguments  # noqa: E402
@@ -77,11 +79,11 @@ from training.train import TrainConfig, lr_factor, model_arguments  # noqa: E402
 
 
 class ResidentFrames:
-    """Duck-types ``DereverbStore.read`` from numpy copies of the stored (undecoded) frames.
+    """Duck-types ``StoreReader.read`` from numpy copies of the stored (undecoded) frames.
 
     ``whole=True``: the full arrays. Otherwise only the frame ranges ``ranges`` (each a
     ``(start, stop)`` of a crop), looked up by exact range. Frames stay in the storage dtype and
-    are decoded on every read, as ``DereverbStore.read`` does, so only the zarr read differs.
+    are decoded on every read, as ``StoreReader.read`` does, so only the zarr read differs.
     """
 
     def __init__(self, url: str, ranges: list[tuple[int, int]], resident_mb: float):
@@ -103,8 +105,8 @@ class ResidentFrames:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         if self.whole:
-            return decode_frames(self.arrays[name][start:stop])
-        return decode_frames(self.crops[(name, start, stop)])
+            return decode(self.arrays[name][start:stop])
+        return decode(self.crops[(name, start, stop)])
 
 
 class _Holder:
@@ -325,14 +327,15 @@ def loader_before() -> Iterator[None]:
     then each chunk, one request each), and each loader worker reading the attributes and the
     whole index again when it opens the store. Loader workers fork from this process, so they
     run the same code."""
-    reader, reopen = training.data.ShardReader.for_array, training.data._reopen
-    training.data.ShardReader.for_array = staticmethod(lambda *args: None)  # type: ignore[method-assign]
-    training.data._reopen = lambda url, options, *known: open_store(url, options)
+    shard_reader = dereverb_data.store_format.ShardReader
+    reader, reopen = shard_reader.for_array, training.data.reopen_store
+    shard_reader.for_array = staticmethod(lambda *args: None)  # type: ignore[method-assign]
+    training.data.reopen_store = lambda url, options, *known: open_store(url, options)
     try:
         yield
     finally:
-        training.data.ShardReader.for_array = reader  # type: ignore[method-assign]
-        training.data._reopen = reopen
+        shard_reader.for_array = reader  # type: ignore[method-assign]
+        training.data.reopen_store = reopen
 
 
 def object_store_mode(args: argparse.Namespace, workers: list[int]) -> int:

@@ -34,7 +34,16 @@ from .preflight import check_same_dataset
 from .render import render_pair
 from .rir_bank import AugmentedRirSpec, RirBank, base_spec, get_or_simulate
 from .stft import stft
-from .store import BUILD_DIR, DatasetStore, decode, encode, package_versions, shard_checksum
+from .store import DatasetStore, package_versions
+from .store_format import (
+    BUILD_DIR,
+    PLANNED_FROM_EXAMPLE,
+    ExampleLabels,
+    decode,
+    encode,
+    index_columns,
+    shard_checksum,
+)
 
 T = TypeVar("T")
 
@@ -291,7 +300,9 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _reusable_frames(store: DatasetStore, plan: Plan, shard_id: int) -> dict[str, tuple]:
+def _reusable_frames(
+    store: DatasetStore, plan: Plan, shard_id: int
+) -> dict[str, tuple[np.ndarray, np.ndarray, ExampleLabels]]:
     """Examples of the shard's previous version that the new plan keeps unchanged.
 
     Reused only when the old shard still matches its recorded checksum, so a repair never
@@ -301,10 +312,10 @@ def _reusable_frames(store: DatasetStore, plan: Plan, shard_id: int) -> dict[str
     if marker is None:
         return {}
     try:
-        old_rows = {row["example_id"]: row for row in store.read_labels(shard_id)}
+        old_rows = {row.example_id: row for row in store.read_labels(shard_id)}
         frames = plan.manifest.storage.frames_per_shard
         rev, clean = store.read_shard(shard_id * frames, frames)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError):
+    except (FileNotFoundError, KeyError, TypeError, ValueError, RuntimeError):
         return {}  # damaged (zarr raises ValueError or RuntimeError): rendered afresh
     if shard_checksum(rev, clean) != marker.checksum:
         return {}
@@ -312,9 +323,9 @@ def _reusable_frames(store: DatasetStore, plan: Plan, shard_id: int) -> dict[str
     for example_id in plan.shards[shard_id].example_ids:
         example, row = plan.example(example_id), old_rows.get(example_id)
         if (
-            row
-            and row.get("fingerprint") == example.fingerprint
-            and row.get("frame_offset") == example.frame_offset
+            row is not None
+            and row.fingerprint == example.fingerprint
+            and row.frame_offset == example.frame_offset
         ):
             start = example.frame_offset - shard_id * frames
             stop = start + example.frame_count
@@ -337,7 +348,7 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
     n_freq = plan.stft.n_freq
     blocks = {name: np.zeros((frames, n_freq), np.complex64) for name in ("rev", "clean")}
     timing: Counter[str] = Counter()
-    rows = []
+    rows: list[ExampleLabels] = []
     noise_cache: dict[str, np.ndarray] = {}  # a shard's examples share a few noise files
     for example_id in shard.example_ids:
         example = plan.example(example_id)
@@ -371,27 +382,31 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
         blocks["clean"][start:stop] = stft(rendered.clean, plan.stft)
         t3 = time.perf_counter()
         timing.update({"rir": t1 - t0, "render": t2 - t1, "stft": t3 - t2})
-        extra = {}
-        if manifest.augmentation is not None:  # only then: other stores' labels as before
-            extra["augmented"] = bool(rir_labels.get("augmented", False))
-        if noise is not None:
-            extra["noise"] = noise.colour if noise.kind == "colour" else noise.source
-            extra["noise_gain"] = rendered.noise_gain
         rows.append(
-            {
-                "example_id": example_id,
-                "fingerprint": example.fingerprint,
-                "frame_offset": example.frame_offset,
-                "gain": rendered.gain,
-                "clean_gain": rendered.clean_gain,
-                "direct_index": rendered.direct_index,
-                "gain_limited": rendered.gain_limited,
-                **{k: rir_labels[k] for k in ("rt60_t20", "rt60_t30", "drr_db", "c50_db")},
-                "distance_m": rir_labels["distance_m"],
-                "simulation": rir_labels["simulation"],
-                "snr_db": rendered.snr_db,
-                **extra,
-            }
+            ExampleLabels(
+                example_id=example_id,
+                fingerprint=example.fingerprint,
+                frame_offset=example.frame_offset,
+                gain=rendered.gain,
+                clean_gain=rendered.clean_gain,
+                direct_index=rendered.direct_index,
+                gain_limited=rendered.gain_limited,
+                rt60_t20=rir_labels["rt60_t20"],
+                rt60_t30=rir_labels["rt60_t30"],
+                drr_db=rir_labels["drr_db"],
+                c50_db=rir_labels["c50_db"],
+                distance_m=rir_labels["distance_m"],
+                simulation=rir_labels["simulation"],
+                snr_db=rendered.snr_db,
+                # Only with augmentation or noise: other stores' labels stay as they were.
+                augmented=None
+                if manifest.augmentation is None
+                else bool(rir_labels.get("augmented", False)),
+                noise=None
+                if noise is None
+                else (noise.colour if noise.kind == "colour" else noise.source),
+                noise_gain=None if noise is None else rendered.noise_gain,
+            )
         )
     t4 = time.perf_counter()
     dtype = manifest.storage.dtype
@@ -408,29 +423,6 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
     return ShardResult(shard_id, True, n, n - reused, reused, dict(timing))
 
 
-INDEX_STRING_COLUMNS = ("example_id", "split", "utterance_id", "speaker", "rir_id", "room_id")
-INDEX_INT_COLUMNS = (
-    "variant",
-    "frame_offset",
-    "frame_count",
-    "num_samples",
-    "shard",
-    "direct_index",
-)
-INDEX_FLOAT_COLUMNS = (
-    "gain",
-    "clean_gain",
-    "rms_dbfs",
-    "rt60_t20",
-    "rt60_t30",
-    "drr_db",
-    "c50_db",
-    "distance_m",
-    "target_rt60",
-    "snr_db",  # of the added background noise; NaN without noise
-)
-
-
 def finalize_step(store_url: str) -> dict:
     """Write the index, the shard checksums and the build report; mark the store complete."""
     plan = load_plan(store_url)
@@ -440,24 +432,15 @@ def finalize_step(store_url: str) -> dict:
     ]
     if missing:
         raise RuntimeError(f"{store_url}: shards {missing[:10]} are not done; run the build again")
-    labels = {row["example_id"]: row for s in plan.shards for row in store.read_labels(s.shard_id)}
-    columns: dict[str, list] = {
-        name: [] for name in (*INDEX_STRING_COLUMNS, *INDEX_INT_COLUMNS, *INDEX_FLOAT_COLUMNS)
-    }
-    columns["gain_limited"] = []
-    for example in plan.examples:
-        row = {**example.__dict__, **labels[example.example_id]}
-        row["target_rt60"] = plan.rirs[example.rir_id].room.target_rt60
-        for name in columns:
-            # A shard written before snr_db existed (and reused since) has no such label.
-            value = row.get(name) if name == "snr_db" else row[name]
-            columns[name].append(np.nan if value is None and name in INDEX_FLOAT_COLUMNS else value)
-    arrays = {
-        **{name: np.asarray(columns[name], dtype=str) for name in INDEX_STRING_COLUMNS},
-        **{name: np.asarray(columns[name], dtype=np.int64) for name in INDEX_INT_COLUMNS},
-        **{name: np.asarray(columns[name], dtype=np.float64) for name in INDEX_FLOAT_COLUMNS},
-        "gain_limited": np.asarray(columns["gain_limited"], dtype=bool),
-    }
+    labels = {row.example_id: row for s in plan.shards for row in store.read_labels(s.shard_id)}
+    arrays = index_columns(
+        {
+            **{name: getattr(example, name) for name in PLANNED_FROM_EXAMPLE},
+            "target_rt60": plan.rirs[example.rir_id].room.target_rt60,
+            **labels[example.example_id].index_values(),
+        }
+        for example in plan.examples
+    )
     checksums = [store.marker(s.shard_id).checksum for s in plan.shards]  # type: ignore[union-attr]
     report = build_report(plan, arrays, store)
     attrs = {

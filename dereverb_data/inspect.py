@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import zarr
 
-from .store import BUILD_DIR, SIGNALS, DatasetStore, StoreError, decode, open_store_group
+from .store import DatasetStore
+from .store_format import BUILD_DIR, SIGNALS, StoreError, StoreReader, open_store
 
 
 def distribution(values: np.ndarray) -> dict:
@@ -23,20 +23,10 @@ def distribution(values: np.ndarray) -> dict:
     }
 
 
-def read_index(url: str) -> dict[str, np.ndarray]:
-    group = open_store_group(url)
-    if "index" not in group:
-        raise StoreError(f"{url}: no index; the build has not finished (run dereverb build again)")
-    index = group["index"]
-    return {name: index[name][:] for name in sorted(index.array_keys())}
-
-
 def describe_store(url: str) -> dict:
-    group = open_store_group(url)
-    attrs = dict(group.attrs)
-    if attrs.get("format") != "dereverb-store":
-        raise StoreError(f"{url}: not a dereverb store (no format attribute)")
-    index = read_index(url)
+    # An unfinished store with an index (a rebuild in progress) is described, marked so.
+    store = open_store(url, require_complete=False)
+    attrs, index = store.attrs, store.columns
     fs = attrs["sample_rate"]
     seconds = float(index["num_samples"].sum()) / fs
     size = DatasetStore(url).size_bytes()
@@ -107,13 +97,13 @@ def plot_store(url: str, path: str, example: int = 0) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    group = zarr.open_group(url, mode="r")
-    index = read_index(url)
+    store: StoreReader = open_store(url, require_complete=False)
+    index = store.columns
     n = int(index["example_id"].size)
     if not 0 <= example < n:
         raise StoreError(f"--example {example}: {url} has {n} examples (rows 0 to {n - 1})")
-    offset, count = int(index["frame_offset"][example]), int(index["frame_count"][example])
-    fs, hop = group.attrs["sample_rate"], group.attrs["stft"]["hop"]
+    count = int(index["frame_count"][example])
+    fs, hop = store.sample_rate, store.stft_config.hop
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     axes[0, 0].hist(index["rt60_t30"][np.isfinite(index["rt60_t30"])], bins=20, color="tab:blue")
     axes[0, 0].set(title="measured RT60 (T30)", xlabel="s", ylabel="examples")
@@ -121,7 +111,7 @@ def plot_store(url: str, path: str, example: int = 0) -> None:
     axes[0, 1].set(title="direct-to-reverberant ratio", xlabel="dB")
     extent = (0, count * hop / fs, 0, fs / 2000)
     for ax, name in zip(axes[1], SIGNALS, strict=True):
-        spec = decode(group[name][offset : offset + count])
+        spec = store.example(example)[name]
         db = 20 * np.log10(np.abs(spec).T + 1e-8)
         ax.imshow(
             db, origin="lower", aspect="auto", extent=extent, vmin=db.max() - 80, vmax=db.max()

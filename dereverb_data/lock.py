@@ -36,7 +36,7 @@ import fsspec
 import psutil
 
 from .fsio import is_local, read_bytes, remove_file, url_to_fs
-from .store import BUILD_DIR, StoreError
+from .store_format import BUILD_DIR, StoreError
 
 
 class StoreLocked(StoreError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from .corpus import AudioError
 from .fsio import read_bytes, url_to_fs
 from .manifest import LHOTSE_MISSING, FolderCorpus, LhotseCorpus, Manifest, lhotse_installed
-from .store import BUILD_DIR, StoreError
+from .store_format import BUILD_DIR, StoreError
 
 
 def check_corpus(manifest: Manifest) -> None:

@@ -13,27 +13,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from .build import INDEX_FLOAT_COLUMNS, INDEX_INT_COLUMNS, INDEX_STRING_COLUMNS
-from .store import (
+from .store import DatasetStore
+from .store_format import (
+    CHECKSUMS,
     DAMAGED_HINT,
-    SIGNALS,
-    DatasetStore,
+    REWRITE_HINT,
     StoreError,
     describe_exception,
+    open_store,
     open_store_array,
     open_store_group,
-    open_store_node,
+    read_array,
     shard_checksum,
     shard_keys,
 )
 
-INDEX_COLUMNS = (*INDEX_STRING_COLUMNS, *INDEX_INT_COLUMNS, *INDEX_FLOAT_COLUMNS, "gain_limited")
+# Attributes verify needs besides those every store reader needs.
 REQUIRED_ATTRS = ("frames_per_shard", "n_examples", "stft")
-# Columns added after stores were first built: a store finalized before them is still whole.
-LATER_COLUMNS = ("snr_db",)
-# Finalizing writes the index and the checksums again from the done-markers and labels, so a
-# plain build (which finds every shard done) restores them; --repair needs them to start.
-REWRITE_HINT = "`dereverb build MANIFEST --store STORE` (without --repair) writes it again"
 
 
 @dataclass
@@ -52,29 +48,6 @@ class VerifyReport:
         return out + self.problems
 
 
-def _read(url: str, array: zarr.Array, name: str, hint: str) -> np.ndarray:
-    try:
-        return array[:]
-    except Exception as exc:  # any codec failure: the data cannot be used, whatever raised
-        raise StoreError(
-            f"{url}: {name} is unreadable ({describe_exception(exc)}); {hint}"
-        ) from exc
-
-
-def read_index(url: str, group: zarr.Group) -> dict[str, np.ndarray]:
-    """Every index column, or a :class:`StoreError` naming the first missing or unreadable one."""
-    index = open_store_node(url, group, "index", REWRITE_HINT)
-    columns = {}
-    for name in INDEX_COLUMNS:
-        path = f"index/{name}"
-        if name in LATER_COLUMNS and name not in index:
-            continue
-        columns[name] = _read(
-            url, open_store_array(url, group, path, REWRITE_HINT), path, REWRITE_HINT
-        )
-    return columns
-
-
 def verify_store(url: str) -> VerifyReport:
     """Check every shard against its checksum and the index against its invariants.
 
@@ -83,8 +56,8 @@ def verify_store(url: str) -> VerifyReport:
     """
     url = url.rstrip("/")
     report = VerifyReport(url)
-    group = open_store_group(url, mode="r")
-    attrs = dict(group.attrs)
+    store = open_store(url, require_complete=False)
+    attrs = store.attrs
     if not attrs.get("complete"):
         report.problems.append("store is not marked complete: the build has not finished")
         return report
@@ -93,12 +66,13 @@ def verify_store(url: str) -> VerifyReport:
         raise StoreError(
             f"{url}: the root zarr.json lacks the attributes {', '.join(lacking)}; {DAMAGED_HINT}"
         )
-    arrays = {name: open_store_array(url, group, name, DAMAGED_HINT) for name in SIGNALS}
-    sums_array = open_store_array(url, group, "shard_checksums", REWRITE_HINT)
-    sums = _read(url, sums_array, "shard_checksums", REWRITE_HINT)
-    index = read_index(url, group)
+    arrays = store.arrays
+    group = open_store_group(url, mode="r")
+    sums_array = open_store_array(url, group, CHECKSUMS, REWRITE_HINT)
+    sums = read_array(url, sums_array, CHECKSUMS, REWRITE_HINT)
+    index = store.columns
     frames = int(attrs["frames_per_shard"])
-    store = DatasetStore(url)
+    build = DatasetStore(url)
     for shard_id, expected in enumerate(sums):
         report.shards_checked += 1
         start = shard_id * frames
@@ -110,9 +84,9 @@ def verify_store(url: str) -> VerifyReport:
             continue
         actual = shard_checksum(reverberant, clean)
         if actual != expected:
-            report.damaged[shard_id] = _mismatch_reason(store, arrays, start, expected, actual)
+            report.damaged[shard_id] = _mismatch_reason(build, arrays, start, expected, actual)
             continue
-        marker = store.marker(shard_id)
+        marker = build.marker(shard_id)
         if marker is None or marker.checksum != expected:
             report.damaged[shard_id] = "done-marker missing or disagrees with the index checksum"
     if "n_shards" in attrs and len(sums) != int(attrs["n_shards"]):

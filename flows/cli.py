@@ -31,7 +31,7 @@ class CommandError(Exception):
 USER_ERRORS = {
     "dereverb_data.manifest": ("ManifestError",),
     "dereverb_data.corpus": ("AudioError",),
-    "dereverb_data.store": ("StoreError",),
+    "dereverb_data.store_format": ("StoreError",),
     "dereverb_data.rooms": ("PlacementError",),
     "training.config": ("TrainConfigError",),
     "flows.runners": ("ClusterError",),
@@ -141,7 +141,8 @@ def _watch(store_url: str, rir_cache: str, job: threading.Thread) -> None:
 
     from dereverb_data.build import load_plan
     from dereverb_data.rir_bank import RirBank
-    from dereverb_data.store import BUILD_DIR, DatasetStore
+    from dereverb_data.store import DatasetStore
+    from dereverb_data.store_format import BUILD_DIR
 
     store = DatasetStore(store_url)
     bars: dict[str, tqdm] = {}

@@ -24,7 +24,7 @@ from dereverb_data.noise import scan_noise_files
 from dereverb_data.plan import make_plan
 from dereverb_data.rir_bank import AugmentedRirSpec, RirBank, get_or_simulate
 from dereverb_data.stft import istft
-from dereverb_data.store import decode
+from dereverb_data.store_format import decode
 
 from .conftest import DEMO_MANIFEST
 from .test_measured_rirs import DEMO_ALL, DEMO_DIGEST, _digest, decaying_rir

@@ -17,7 +17,8 @@ from dereverb_data.corpus import load_utterance
 from dereverb_data.manifest import load_manifest, parse_manifest
 from dereverb_data.rir_bank import RirBank
 from dereverb_data.stft import StftConfig, istft
-from dereverb_data.store import DatasetStore, StoreError, shard_checksum
+from dereverb_data.store import DatasetStore
+from dereverb_data.store_format import StoreError, shard_checksum
 
 from .conftest import DEMO_MANIFEST
 

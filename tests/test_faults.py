@@ -192,7 +192,7 @@ def test_another_dataset_needs_replace(demo_copy: Path, change: dict, named: str
 def test_replace_rebuilds_as_the_new_dataset(demo_copy: Path) -> None:
     from dereverb_data.build import build_serial
     from dereverb_data.manifest import load_manifest
-    from dereverb_data.store import StoreError
+    from dereverb_data.store_format import StoreError
 
     manifest = load_manifest(write_manifest(demo_copy.parent, seed=7))
     with pytest.raises(StoreError, match="another dataset"):

@@ -28,7 +28,7 @@ from dereverb_data import lock as lock_module
 from dereverb_data.build import build_serial
 from dereverb_data.lock import StoreLocked, build_lock
 from dereverb_data.manifest import Manifest
-from dereverb_data.store import StoreError, shard_keys
+from dereverb_data.store_format import StoreError, shard_keys
 from dereverb_data.verify import forget_damaged_shards, verify_store
 
 from .conftest import run_cli

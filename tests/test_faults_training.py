@@ -19,9 +19,8 @@ import torch
 import zarr
 
 from dereverb_data.stft import StftConfig
-from dereverb_data.store import StoreError
+from dereverb_data.store_format import StoreError, StoreReadError
 from training.checkpoint import CheckpointError
-from training.data import TrainingStoreError
 from training.enhance import EnhanceError, enhance_file, plan_outputs
 from training.evaluate import load_checkpoint
 from training.train import RunFolderError, load_model, train
@@ -319,7 +318,7 @@ def test_training_on_something_that_is_not_a_store_leaves_nothing(
             train(tiny_config(), store, tmp_path / "runs" / "new")
         message = one_line(exc)
         assert message.startswith(str(store)) and words in message, message
-        assert isinstance(exc.value, TrainingStoreError | ValueError)
+        assert isinstance(exc.value, StoreReadError) and isinstance(exc.value, ValueError)
         assert snapshot(tmp_path) == before  # no run folder, no parents
 
 

@@ -41,8 +41,9 @@ from dereverb_data.lock import StoreLocked, build_lock
 from dereverb_data.manifest import parse_manifest
 from dereverb_data.rir_bank import RirBank
 from dereverb_data.store import DatasetStore
+from dereverb_data.store_format import ShardReader, open_store
 from dereverb_data.verify import verify_store
-from training.data import CropDataset, ShardReader, crop_loader, open_store
+from training.data import CropDataset, crop_loader
 
 from .conftest import DEMO_MANIFEST, REPO, run_cli
 

@@ -1,7 +1,8 @@
 """Tests of the training package: store reading, crops, features, models, losses, the loop.
 
-The store used here is synthetic and written with plain zarr in the project's store layout
-(see :func:`write_synthetic_store`), so these tests do not depend on the store builder.
+The store used here is synthetic, written with the store format's own helpers
+(``dereverb_data.store_format``; see :func:`write_synthetic_store`), so these tests do not
+depend on the store builder and the layout cannot drift from what a build writes.
 Speech-like harmonic signals are convolved with exponentially decaying noise RIRs; examples sit
 at chunk-aligned offsets with zero frames between them.
 """
@@ -19,15 +20,24 @@ import zarr
 from scipy.signal import fftconvolve
 
 from dereverb_data.stft import StftConfig, istft, stft
+from dereverb_data.store_format import (
+    create_signal_arrays,
+    decode,
+    encode,
+    format_attrs,
+    index_columns,
+    layout_attrs,
+    open_store,
+    shard_checksum,
+    write_index_group,
+)
 from training.data import (
     FEATURE_CHANNELS,
     CropDataset,
     ValidationDataset,
     compress_complex,
     crop_loader,
-    decode_frames,
     decompress_complex,
-    open_store,
     sample_crop,
     spec_features,
     torch_istft,
@@ -112,13 +122,17 @@ def write_synthetic_store(path: Path, storage_dtype: str = "complex64", seed: in
                 "speaker": f"spk{i % 3}",
                 "rir_id": f"rir{i:03d}",
                 "room_id": f"room{i % 2}",
+                "variant": 0,
                 "frame_offset": offset,
                 "frame_count": count,
                 "num_samples": n_samples,
                 "shard": offset // FRAMES_PER_SHARD,
-                "direct_index": 0,
+                "rms_dbfs": -25.0,
+                "target_rt60": rt60,
                 "gain": 1.0,
                 "clean_gain": 1.0,
+                "direct_index": 0,
+                "gain_limited": False,
                 "rt60_t20": rt60,
                 "rt60_t30": rt60,
                 "drr_db": 5.0,
@@ -131,43 +145,40 @@ def write_synthetic_store(path: Path, storage_dtype: str = "complex64", seed: in
     n_frames = -(-offset // FRAMES_PER_SHARD) * FRAMES_PER_SHARD
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.attrs.update(
-        {
-            "format": "dereverb-store",
-            "format_version": 1,
-            "sample_rate": SAMPLE_RATE,
-            "stft": {"n_fft": STFT.n_fft, "hop": STFT.hop, "window": STFT.window},
-            "storage_dtype": storage_dtype,
-            "n_examples": len(rows),
-            "n_frames": n_frames,
-            "frames_per_chunk": FRAMES_PER_CHUNK,
-            "frames_per_shard": FRAMES_PER_SHARD,
-            "manifest": {"name": "synthetic-test", "seed": seed},
-        }
+    stft_attrs = {"n_fft": STFT.n_fft, "hop": STFT.hop, "window": STFT.window}
+    layout = layout_attrs(
+        SAMPLE_RATE, stft_attrs, storage_dtype, FRAMES_PER_CHUNK, FRAMES_PER_SHARD
     )
+    arrays = create_signal_arrays(
+        group, n_frames, STFT.n_freq, storage_dtype, FRAMES_PER_CHUNK, FRAMES_PER_SHARD
+    )
+    stored = {}
     for name, which in (("reverberant", 1), ("clean", 2)):
         full = np.zeros((n_frames, n_freq), dtype=np.complex64)
         for item in specs:
             full[item[0] : item[0] + item[which].shape[0]] = item[which]
-        if storage_dtype == "complex64":
-            data, chunks = full, (FRAMES_PER_CHUNK, n_freq)
-            shards = (FRAMES_PER_SHARD, n_freq)
-        else:
-            data = np.stack([full.real, full.imag], axis=-1).astype(np.float16)
-            chunks, shards = (FRAMES_PER_CHUNK, n_freq, 2), (FRAMES_PER_SHARD, n_freq, 2)
-        array = group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards
+        stored[name] = encode(full, storage_dtype)
+        arrays[name][...] = stored[name]
+    checksums = [
+        shard_checksum(
+            stored["reverberant"][a : a + FRAMES_PER_SHARD],
+            stored["clean"][a : a + FRAMES_PER_SHARD],
         )
-        array[...] = data
-    index = group.create_group("index")
-    for column in rows[0]:
-        values = [row[column] for row in rows]
-        if isinstance(values[0], str):
-            array = index.create_array(column, shape=(len(values),), dtype=str)
-            array[...] = np.array(values, dtype=object)
-        else:
-            dtype = np.float64 if isinstance(values[0], float) else np.int64
-            index.create_array(column, data=np.asarray(values, dtype=dtype))
+        for a in range(0, n_frames, FRAMES_PER_SHARD)
+    ]
+    write_index_group(group, index_columns(rows), checksums)
+    group.attrs.update(
+        {
+            **format_attrs(),
+            **layout,
+            "n_freq": n_freq,
+            "n_examples": len(rows),
+            "n_frames": n_frames,
+            "n_shards": len(checksums),
+            "manifest": {"name": "synthetic-test", "seed": seed},
+            "complete": True,
+        }
+    )
     return path
 
 
@@ -234,7 +245,7 @@ def test_open_store_rejects_other_groups(tmp_path: Path) -> None:
 
 def test_float16_storage_decodes_to_complex64(store_url: str, store_url_f16: str) -> None:
     pairs = np.array([[[1.5, -2.0], [0.0, 0.25]]], dtype=np.float16)
-    np.testing.assert_array_equal(decode_frames(pairs), np.array([[1.5 - 2j, 0.25j]]))
+    np.testing.assert_array_equal(decode(pairs), np.array([[1.5 - 2j, 0.25j]]))
     exact, half = open_store(store_url), open_store(store_url_f16)
     assert half.arrays["clean"].dtype == np.float16 and half.arrays["clean"].shape[-1] == 2
     for row in range(exact.n_examples):

@@ -30,9 +30,9 @@ from scipy.signal import fftconvolve
 from dereverb_data.acoustics import DIRECT_WINDOW_MS, direct_path_index, measure_rir
 from dereverb_data.corpus import AudioError, read_audio
 from dereverb_data.stft import WINDOWS, StftConfig, istft, stft
+from dereverb_data.store_format import open_store
 
 from .checkpoint import not_a_checkpoint, one_line, read_checkpoint
-from .data import open_store
 from .enhance import model_spec_fn, reconstruct_fn
 from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, compute_metrics
 from .wpe import wpe_dereverb
@@ -79,7 +79,7 @@ def load_checkpoint(
 def store_examples(url: str, split: str, limit: int | None = None) -> Iterator[Example]:
     """Whole examples of a split, as waveforms (inverse STFT of the stored pair)."""
     store = open_store(url)
-    index = store.index
+    index = store.columns
     config = store.stft_config
     for row in store.rows(split)[:limit]:
         pair = store.example(int(row))

@@ -39,13 +39,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dereverb_data.stft import StftConfig
+from dereverb_data.store_format import open_store
 from training.checkpoint import not_a_checkpoint, one_line, read_checkpoint
 from training.config import TrainConfig
 from training.data import (
     CropDataset,
     ValidationDataset,
     crop_loader,
-    open_store,
     torch_istft,
 )
 from training.losses import DereverbLoss, si_sdr
@@ -176,9 +176,9 @@ def train(
     ``valid_si_sdr_improvement`` (dB) and ``parameters``.
 
     A store that cannot be trained on (missing, not a store, unfinished) raises ``StoreError``
-    (``training.data.TrainingStoreError``) before anything is written; an ``out_dir`` that is a
-    file, or holds the checkpoint of a different config, raises ``RunFolderError``; a damaged
-    checkpoint there raises ``CheckpointError`` (and is kept). A run that fails before
+    (``dereverb_data.store_format.StoreReadError``) before anything is written; an ``out_dir``
+    that is a file, or holds the checkpoint of a different config, raises ``RunFolderError``; a
+    damaged checkpoint there raises ``CheckpointError`` (and is kept). A run that fails before
     ``out_dir`` holds a checkpoint leaves nothing behind: the folders this call created are
     removed, and in a folder that existed only the entries this call added; files that were
     there before are never touched. Once a checkpoint exists the folder is kept (resumable).
