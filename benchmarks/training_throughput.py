@@ -29,7 +29,7 @@ same run.
 A model is a registry name, optionally with keyword arguments after a colon, ``;`` between
 them: ``gtcrn:rnn=gru;frame_stride=1``. ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` before
 torch starts: OpenMP threads then sleep instead of spinning while they wait, which matters
-when other processes share the cores (see benchmarks/training_throughput.md).
+when other processes share the cores (see benchmarks/RESULTS.md, "Training throughput").
 """
 
 from __future__ import annotations

@@ -328,8 +328,8 @@ class GTCRN(SpectralModel):
     second of audio (``count_macs``; the paper: 33 M), about 17-21 ms per second of audio on one
     thread (50-60x real time, on the shared 2-core development VM). Training on CPU: about
     2-2.6x ``bsrnn_lite``'s audio seconds per CPU second (``frame_stride=4``: 4.4x at batch 16),
-    see ``benchmarks/training_throughput.md``. ``rnn="gru"`` for ``nn.GRU`` recurrences as in
-    the paper (same structure, slower to train on CPU).
+    see ``benchmarks/RESULTS.md``, "Training throughput". ``rnn="gru"`` for ``nn.GRU``
+    recurrences as in the paper (same structure, slower to train on CPU).
     """
 
     def __init__(
