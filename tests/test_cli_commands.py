@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from flows.cli import main
 from training.evaluate import SYSTEMS
 
 from .conftest import DEMO_MANIFEST, REPO, run_cli
+from .test_deployments import _read_deployment, _wait_for_deployments
 from .test_training import write_synthetic_store
 
 # A run small enough for a test: tiny model, short crops, no loader workers, no progress bar.
@@ -283,32 +283,6 @@ TRAIN = "train-model/train"
 SERVED = ("build-dataset/scheduled", "regenerate-dataset/regenerate", TRAIN)
 
 
-async def _read_deployment(name: str):
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        return await client.read_deployment_by_name(name)
-
-
-def _wait_for(process: subprocess.Popen, log: Path, names: tuple[str, ...]) -> dict:
-    from prefect.exceptions import ObjectNotFound
-
-    deadline = time.monotonic() + 120
-    found: dict = {}
-    while len(found) < len(names):
-        if process.poll() is not None:
-            pytest.fail(f"serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"deployments not registered:\n{log.read_text()[-3000:]}")
-        for name in names:
-            with contextlib.suppress(ObjectNotFound):
-                deployment = asyncio.run(_read_deployment(name))
-                if not deployment.paused:  # paused: left by an earlier serve that stopped
-                    found[name] = deployment
-        time.sleep(0.5)
-    return found
-
-
 @pytest.mark.slow
 def test_serve_registers_and_runs_the_train_deployment(
     prefect_api: str, store: str, config_file: Path, tmp_path: Path
@@ -349,7 +323,7 @@ def test_serve_registers_and_runs_the_train_deployment(
             start_new_session=True,
         )
     try:
-        found = _wait_for(process, log, SERVED)
+        found = _wait_for_deployments(process, log, SERVED)
         assert found[SERVED[0]].schedules == []  # --cron '': no schedule
         assert found[TRAIN].parameters == {
             "data_url": store,

@@ -33,17 +33,23 @@ async def _read_deployment(name: str):
         return await client.read_deployment_by_name(name)
 
 
-def _wait_for_deployments(process: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
+def _wait_for_deployments(
+    process: subprocess.Popen,
+    log: Path,
+    names: tuple[str, ...] = (BUILD, REGENERATE),
+    timeout: float = 120,
+) -> dict:
+    """The named deployments once a serve process has registered them all (and unpaused)."""
     from prefect.exceptions import ObjectNotFound
 
     deadline = time.monotonic() + timeout
     found: dict = {}
-    while len(found) < 2:
+    while len(found) < len(names):
         if process.poll() is not None:
             pytest.fail(f"serve exited ({process.returncode}):\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"deployments not registered in {timeout} s:\n{log.read_text()[-3000:]}")
-        for name in (BUILD, REGENERATE):
+        for name in names:
             with contextlib.suppress(ObjectNotFound):
                 deployment = asyncio.run(_read_deployment(name))
                 if not deployment.paused:  # paused: left by an earlier serve that stopped

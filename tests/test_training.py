@@ -497,6 +497,7 @@ def test_unet_uses_the_reverberant_phase() -> None:
         ("bsrnn_lite", {"channels": 16, "hidden": 16, "blocks": 1}),
         ("bsrnn_lite", {"channels": 16, "hidden": 16, "blocks": 1, "output": "mask"}),
         ("unet", {"widths": (8, 16, 16), "dropout": 0.0}),
+        ("gtcrn", {}),  # batch norm: eval mode must use running statistics that followed
     ],
 )
 def test_model_loss_falls_in_a_few_dozen_steps(store_url: str, name: str, kwargs: dict) -> None:
