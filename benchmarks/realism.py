@@ -153,14 +153,12 @@ def run_arm(name: str, corpus: Path, work: Path, steps: int) -> dict[str, float]
 
 def score_checkpoint(checkpoint: str, out: Path, data: str | None) -> None:
     """Input and model scores (METRICS only) on a store's test split, or the real-room check
-    (``data`` None): what ``dereverb evaluate`` computes for these two systems, without its
-    WPE, oracle, SRMR and plots, which would take most of each arm's time."""
+    (``data`` None): ``dereverb evaluate``'s scoring for these two systems, without its WPE,
+    oracle, SRMR and plots, which would take most of each arm's time."""
     import torch
 
-    from dereverb_data.stft import istft, stft
     from training.enhance import model_spec_fn, reconstruct_fn
-    from training.evaluate import load_checkpoint, real_room_examples, store_examples
-    from training.metrics import compute_metrics
+    from training.evaluate import load_checkpoint, real_room_examples, score, store_examples
 
     torch.set_num_threads(1)
     model, config, sample_rate = load_checkpoint(checkpoint)
@@ -170,18 +168,7 @@ def score_checkpoint(checkpoint: str, out: Path, data: str | None) -> None:
         if data is not None
         else real_room_examples(SHARED / "speech", SHARED / "rir", sample_rate, 4)
     )
-    rows = []
-    for example in examples:
-        n = example.reverberant.size
-        outputs = {
-            "input": example.reverberant,
-            "model": istft(model_fn(stft(example.reverberant, config)), config, n),
-        }
-        for system, signal in outputs.items():
-            result = compute_metrics(signal, example.target, sample_rate, METRICS)
-            missing = "; ".join(f"{k}: {v}" for k, v in sorted(result.missing.items()))
-            rows.append({"example_id": example.example_id, "rt60": example.rt60,
-                         "system": system, **result.values, "missing": missing})  # fmt: skip
+    rows, _ = score(examples, model_fn, config, sample_rate, METRICS, systems=("input", "model"))
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "per_example.csv.partial"
     with partial.open("w", newline="") as handle:

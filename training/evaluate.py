@@ -148,18 +148,27 @@ def real_room_examples(
 
 
 def systems_for(
-    example: Example, model_fn, config: StftConfig, sample_rate: int
+    example: Example,
+    model_fn,
+    config: StftConfig,
+    sample_rate: int,
+    systems: tuple[str, ...] = SYSTEMS,
 ) -> dict[str, np.ndarray]:
+    """Each of ``systems``' output signal for one example (only those asked for are run)."""
     rev_spec = stft(example.reverberant, config)
-    clean_spec = stft(example.target, config)
     n = example.reverberant.size
-    oracle = np.abs(clean_spec) * np.exp(1j * np.angle(rev_spec))
-    return {
-        "input": example.reverberant,
-        "wpe": wpe_dereverb(example.reverberant, sample_rate),
-        "model": istft(model_fn(rev_spec), config, n),
-        "oracle_mag": istft(oracle, config, n),
+
+    def oracle_mag() -> np.ndarray:
+        clean_spec = stft(example.target, config)
+        return istft(np.abs(clean_spec) * np.exp(1j * np.angle(rev_spec)), config, n)
+
+    run = {
+        "input": lambda: example.reverberant,
+        "wpe": lambda: wpe_dereverb(example.reverberant, sample_rate),
+        "model": lambda: istft(model_fn(rev_spec), config, n),
+        "oracle_mag": oracle_mag,
     }
+    return {system: run[system]() for system in systems}
 
 
 def score(
@@ -169,16 +178,17 @@ def score(
     sample_rate: int,
     metrics: tuple[str, ...] = DEFAULT_METRICS,
     keep_audio: int = 0,
+    systems: tuple[str, ...] = SYSTEMS,
 ) -> tuple[list[dict], list[tuple[Example, dict[str, np.ndarray]]]]:
     """Per-(example, system) rows of metric values and missing reasons; a few kept signals."""
     rows: list[dict] = []
     kept = []
     for example in examples:
-        outputs = systems_for(example, model_fn, config, sample_rate)
+        outputs = systems_for(example, model_fn, config, sample_rate, systems)
         if len(kept) < keep_audio:
             kept.append((example, outputs))
         input_srmr = None
-        for system in SYSTEMS:
+        for system in systems:
             result = compute_metrics(outputs[system], example.target, sample_rate, metrics)
             row = {"example_id": example.example_id, "rt60": example.rt60, "system": system}
             row.update(result.values)
