@@ -83,24 +83,16 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def train_args(store: str, config: Path, run: Path) -> list[str]:
+    """``dereverb train`` of ``config`` into ``run``, with ``--steps 3`` replacing its 2."""
+    return ["train", "--data", store, "--config", str(config), "--out", str(run), "--steps", "3"]
+
+
 @pytest.fixture(scope="module")
 def trained(store: str, config_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``dereverb train`` of the tiny config, with ``--steps`` replacing the file's value."""
     run = tmp_path_factory.mktemp("cli-run") / "run"
-    assert (
-        run_main(
-            "train",
-            "--data",
-            store,
-            "--config",
-            str(config_file),
-            "--out",
-            str(run),
-            "--steps",
-            "3",
-        )
-        == 0
-    )
+    assert run_main(*train_args(store, config_file, run)) == 0
     return run
 
 
@@ -119,17 +111,7 @@ def test_train_prints_its_outcome_and_resumes(
 ) -> None:
     # The same command again: the finished run resumes at its last step and trains no more.
     before = (trained / "checkpoint.pt").read_bytes()
-    code = run_main(
-        "train",
-        "--data",
-        store,
-        "--config",
-        str(config_file),
-        "--out",
-        str(trained),
-        "--steps",
-        "3",
-    )
+    code = run_main(*train_args(store, config_file, trained))
     assert code == 0
     assert f"trained bsrnn_lite into {trained}: " in capsys.readouterr().out
     assert (trained / "checkpoint.pt").read_bytes() == before
