@@ -382,6 +382,14 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.packaged import export_model
+
+    written = export_model(args.checkpoint, args.out, args.dtype)
+    print(f"exported {args.checkpoint} -> {written} ({written.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dereverb_data.manifest import load_manifest
 
@@ -486,6 +494,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+MODEL_HELP = (
+    "checkpoint.pt of a training run, or a model exported by `dereverb export` (.safetensors); "
+    "default: the packaged model (training/default_model/MODEL_CARD.md)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --debug is accepted before or after the command name.
     common = argparse.ArgumentParser(add_help=False)
@@ -575,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = command("evaluate", "score a checkpoint next to input, WPE, oracle")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    evaluate.add_argument("--checkpoint", help=MODEL_HELP)
     evaluate.add_argument("--out", required=True, help="folder for the CSV, summary and plots")
     evaluate.add_argument("--data", help="store to evaluate on (or --speech with --rirs)")
     evaluate.add_argument("--split", default="test", help="store split (default: test)")
@@ -597,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     enhance = command("enhance", "dereverberate your own recordings")
-    enhance.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    enhance.add_argument("--checkpoint", help=MODEL_HELP)
     enhance.add_argument("inputs", nargs="+", metavar="IN", help="audio files (wav, flac, ogg)")
     enhance.add_argument(
         "--out",
@@ -626,6 +640,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=cmd_inspect)
+
+    export = command("export", "write a checkpoint's model to one .safetensors file")
+    export.add_argument("checkpoint", help="checkpoint.pt of a training run")
+    export.add_argument("--out", required=True, help="the model file to write (NAME.safetensors)")
+    export.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="stored weight precision (default float16: half the size; computes in float32)",
+    )
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -50,17 +50,22 @@ class Example:
 
 
 def load_checkpoint(
-    checkpoint: str | Path, device: str = "cpu"
+    checkpoint: str | Path | None = None, device: str = "cpu"
 ) -> tuple[torch.nn.Module, StftConfig, int]:
-    """The model, its STFT settings and sample rate, from a training checkpoint.
+    """The model, its STFT settings and sample rate, from a training checkpoint (``.pt``), an
+    exported model (``.safetensors``, ``training.packaged``) or, for ``None``, the packaged
+    default model.
 
     Raises ``FileNotFoundError`` for a missing file and ``training.checkpoint.CheckpointError``
     (a ``ValueError``, message ``<path>: not a dereverb checkpoint (...)``) for anything else
     that is not a usable checkpoint.
     """
+    from .packaged import DEFAULT_MODEL_FILE, is_exported, read_exported
     from .train import model_from_checkpoint
 
-    saved = read_checkpoint(checkpoint)  # read once, never with weights_only=False
+    checkpoint = DEFAULT_MODEL_FILE if checkpoint is None else checkpoint
+    # A .pt checkpoint is read once, never with weights_only=False.
+    saved = read_exported(checkpoint) if is_exported(checkpoint) else read_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(saved, checkpoint, device)
     s = saved["stft"]
     try:
@@ -311,7 +316,7 @@ def plot_results(rows, kept, out: Path, config: StftConfig, sample_rate: int, me
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     out: str | Path,
     data: str | None = None,
     split: str = "test",
@@ -322,7 +327,8 @@ def evaluate(
     pairs_per_rir: int | None = 4,
     metrics: tuple[str, ...] = DEFAULT_METRICS,
 ) -> str:
-    """Score a checkpoint on a store split (``data``) or on speech x measured RIRs."""
+    """Score a checkpoint (``None``: the packaged default model) on a store split (``data``) or
+    on speech x measured RIRs."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, config, sample_rate = load_checkpoint(checkpoint)
     model_fn = reconstruct_fn(model_spec_fn(model, torch.device("cpu")), phase, config)
