@@ -240,7 +240,15 @@ class ValidationDataset(Dataset):
 # Spectral transforms (pure torch functions; complex (..., T, F) in)
 # ---------------------------------------------------------------------------------------------
 
-FEATURE_CHANNELS = {"compressed_magnitude": 1, "compressed_complex": 2, "log_magnitude": 1}
+FEATURE_CHANNELS = {
+    "compressed_magnitude": 1,
+    "compressed_complex": 2,
+    "log_magnitude": 1,
+    # The plain |X| and an 8-bit colour image of the log spectrogram: the two ends of the
+    # feature ablation (issue 13, item 5; benchmarks/feature_ablation.py).
+    "linear_magnitude": 1,
+    "rgb_image": 3,
+}
 COMPRESS_EXPONENT = 0.3
 _EPS = 1e-8  # keeps |X|^c differentiable at X = 0
 
@@ -280,7 +288,9 @@ def spec_features(
     """Network input from a complex ``(B, T, F)`` STFT: float ``(B, C, T, F)``.
 
     ``compressed_magnitude`` (C=1), ``compressed_complex`` (C=2: real, imag), ``log_magnitude``
-    (C=1). See ``FEATURE_CHANNELS``.
+    (C=1), ``linear_magnitude`` (C=1: ``|X|``), ``rgb_image`` (C=3: the viridis 8-bit image of
+    the per-example normalised dB spectrogram, ``training.features_rgb``). See
+    ``FEATURE_CHANNELS``.
     """
     if kind == "compressed_magnitude":
         return compressed_magnitude(spec, exponent).unsqueeze(1)
@@ -288,6 +298,13 @@ def spec_features(
         return torch.view_as_real(compress_complex(spec, exponent)).permute(0, 3, 1, 2)
     if kind == "log_magnitude":
         return log_magnitude(spec).unsqueeze(1)
+    if kind == "linear_magnitude":
+        return spec.abs().unsqueeze(1)
+    if kind == "rgb_image":
+        # Imported on use: it loads matplotlib's colour map, which no other feature needs.
+        from training.features_rgb import rgb_image_features
+
+        return rgb_image_features(spec)
     raise ValueError(f"unknown features {kind!r}; choose one of {sorted(FEATURE_CHANNELS)}")
 
 

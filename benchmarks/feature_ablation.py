@@ -1,0 +1,210 @@
+"""Does a U-Net learn better from spectrogram *images* than from the STFT array? (issue 13, item 5)
+
+A researcher training a U-Net on spectrograms saved as RGB pictures reported better results
+than from the numpy STFT matrix. This benchmark trains the same U-Net, with the same seed,
+steps, crops, batch and learning rate, on each input representation, and scores every
+checkpoint on the store's simulated test split and on the real-room check (measured RIRs,
+direct-path reference), with the scoring of ``benchmarks/realism.py``:
+
+- ``rgb_image``: viridis 8-bit RGB image of the dB spectrogram, each crop (in training) or
+  block (in enhancement) min-max normalised to its own range, ``top_db`` 80
+  (``training.features_rgb``): what saving ``plt.imsave(librosa.amplitude_to_db(S, ref=max))``
+  and loading it back gives.
+- ``linear_magnitude``: ``|X|``, the raw numpy STFT magnitude.
+- ``log_magnitude``: ``log(|X| + 1e-5)``.
+- ``compressed_magnitude``: ``|X|^0.3`` (the U-Net's own input).
+- ``compressed_complex``: ``|X|^0.3 e^{j angle X}`` as real and imaginary channels.
+
+Only the input changes. ``training.models.UNet`` accepts only its two magnitude inputs and
+ties its output to them (softplus for ``|X|^0.3``, exp for ``log|X|``), so the arms use
+:class:`FeatureUNet`: the same network with a first convolution as wide as the input has
+channels, and always the stock output, ``softplus(.)^(1/0.3)`` with the reverberant phase,
+trained with the same loss. Its ``compressed_magnitude`` arm is the stock ``unet``.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \\
+        python benchmarks/feature_ablation.py --data /work/stores/recipe.zarr --work /work/ablation
+
+Arms run one after another, one CPU thread, in one process (the model is registered in
+``training.models.MODELS`` as ``unet_features`` for this process only, so its checkpoints load
+here, not in ``dereverb enhance``). Every step is skipped when its output exists (a killed
+training resumes from its checkpoint); ``--table-only`` prints the table of what has run. The
+table is printed and written to ``WORK/feature_ablation.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread before torch is imported: the machine's other core belongs to another job.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from training.data import COMPRESS_EXPONENT, FEATURE_CHANNELS, spec_features
+from training.models import MODELS, UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "manifests" / "training" / "unet.yaml"
+MODEL_NAME = "unet_features"
+# Ordered so that a run cut short still compares the image with the arrays it competes with.
+ARMS: dict[str, str] = {
+    "rgb_image": "8-bit viridis RGB of the per-crop min-max normalised dB spectrogram",
+    "linear_magnitude": "|X| (the numpy STFT magnitude)",
+    "compressed_magnitude": "|X|^0.3 (power-law compressed)",
+    "log_magnitude": "log(|X| + 1e-5)",
+    "compressed_complex": "|X|^0.3 e^(j angle X), real + imaginary",
+}
+METRICS = ("pesq_wb", "estoi", "si_sdr")
+
+
+class FeatureUNet(UNet):
+    """:class:`training.models.UNet` on any input of ``FEATURE_CHANNELS``, same output.
+
+    ``input_features`` is what the network sees; ``features`` stays ``compressed_magnitude``
+    because ``UNet.estimate`` reads it to choose the output (``softplus(.)^(1/c)``), and the
+    ablation keeps the output and loss fixed so that only the input differs.
+    """
+
+    def __init__(
+        self,
+        n_freq: int,
+        features: str = "compressed_magnitude",
+        exponent: float = COMPRESS_EXPONENT,
+        **kwargs,
+    ):
+        if features not in FEATURE_CHANNELS:
+            raise ValueError(f"unknown features {features!r}; choose one of {FEATURE_CHANNELS}")
+        super().__init__(n_freq, features="compressed_magnitude", exponent=exponent, **kwargs)
+        self.input_features = features
+        first = self.encoder[0][0]
+        # Replaced for every input, 1-channel ones included, so all arms draw the same random
+        # numbers at initialisation.
+        self.encoder[0][0] = nn.Conv2d(
+            FEATURE_CHANNELS[features],
+            first.out_channels,
+            first.kernel_size,
+            first.stride,
+            first.padding,
+        )
+
+    def forward(self, reverberant: torch.Tensor) -> torch.Tensor:
+        features = spec_features(reverberant, self.input_features, self.exponent)
+        return self.estimate(features, reverberant)
+
+
+def register() -> None:
+    """Make ``unet_features`` a model of this process (configs validate against MODELS)."""
+    MODELS.setdefault(MODEL_NAME, FeatureUNet)
+
+
+def _realism():
+    # benchmarks/ is not a package; its scoring (input + model, the real-room check) is reused.
+    spec = importlib.util.spec_from_file_location("realism", ROOT / "benchmarks" / "realism.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def arm_config(features: str, steps: int) -> dict:
+    config = yaml.safe_load(BASE_CONFIG.read_text())
+    config.update(model=MODEL_NAME, features=features, steps=steps)
+    config.update(num_workers=0, progress=False, device="cpu")  # one core: no loader process
+    return config
+
+
+def run_arm(features: str, data: str, work: Path, steps: int) -> None:
+    """Train and score one arm; each step skipped when its output exists."""
+    from training.config import TrainConfig
+    from training.train import train
+
+    folder = work / features
+    run = folder / "run"
+    if not (run / "metrics.json").exists():
+        started = time.perf_counter()
+        train(TrainConfig(**arm_config(features, steps)), data, run)
+        minutes = (time.perf_counter() - started) / 60
+        (folder / "train_minutes.txt").write_text(f"{minutes:.2f}\n")
+        print(f"[{features}] trained in {minutes:.1f} min", flush=True)
+    checkpoint = str(run / "checkpoint.pt")
+    realism = _realism()
+    for name, source in (("eval-sim", data), ("eval-real", None)):
+        if (folder / name / "per_example.csv").exists():
+            continue
+        started = time.perf_counter()
+        realism.score_checkpoint(checkpoint, folder / name, source)
+        print(f"[{features}] {name} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def table(work: Path) -> str:
+    realism = _realism()
+    lines = [
+        "| input | channels | sim PESQ-WB gain | sim ESTOI gain | sim SI-SDR gain dB "
+        "| real PESQ-WB gain | real ESTOI gain | real SI-SDR gain dB | final valid loss "
+        "| train min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    inputs: dict[str, dict[str, float]] = {}
+    for features in ARMS:
+        folder = work / features
+        cells = [f"`{features}`", str(FEATURE_CHANNELS[features])]
+        for name in ("eval-sim", "eval-real"):
+            path = folder / name / "per_example.csv"
+            if not path.exists():
+                cells += ["(not run)", "", ""]
+                continue
+            scores = realism.means(path)
+            inputs.setdefault(name, scores["input"])
+            model = realism.model_system(scores)
+            cells += [
+                f"{scores[model]['pesq_wb'] - scores['input']['pesq_wb']:+.3f}",
+                f"{scores[model]['estoi'] - scores['input']['estoi']:+.3f}",
+                f"{scores[model]['si_sdr'] - scores['input']['si_sdr']:+.2f}",
+            ]
+        metrics_path = folder / "run" / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        loss = metrics.get("valid_loss")
+        cells.append(f"{loss:.4f}" if loss is not None else "")
+        minutes = folder / "train_minutes.txt"
+        cells.append(minutes.read_text().strip() if minutes.exists() else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, label in (("eval-sim", "Simulated test split"), ("eval-real", "Real-room check")):
+        if name in inputs:
+            s = inputs[name]
+            lines.append("")
+            lines.append(
+                f"{label} input: PESQ-WB {s['pesq_wb']:.3f}, ESTOI {s['estoi']:.3f}, "
+                f"SI-SDR {s['si_sdr']:.2f} dB."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="/work/stores/recipe.zarr", help="training store")
+    parser.add_argument("--work", type=Path, default=Path("/work/ablation"))
+    parser.add_argument("--arm", action="append", choices=list(ARMS), help="default: all")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps per arm")
+    parser.add_argument("--table-only", action="store_true", help="print the table of what ran")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    register()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for features in args.arm or list(ARMS):
+            run_arm(features, args.data, args.work, args.steps)
+    text = table(args.work)
+    (args.work / "feature_ablation.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
