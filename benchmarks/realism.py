@@ -158,7 +158,8 @@ def score_checkpoint(checkpoint: str, out: Path, data: str | None) -> None:
     import torch
 
     from training.enhance import model_spec_fn, reconstruct_fn
-    from training.evaluate import load_checkpoint, real_room_examples, score, store_examples
+    from training.evaluate import real_room_examples, score, store_examples
+    from training.inference import load_checkpoint
 
     torch.set_num_threads(1)
     model, config, sample_rate = load_checkpoint(checkpoint)

@@ -364,7 +364,7 @@ def cmd_enhance(args: argparse.Namespace) -> int:
         plan_outputs,
         reconstruct_fn,
     )
-    from training.evaluate import load_checkpoint
+    from training.inference import load_checkpoint
 
     pairs = plan_outputs(args.inputs, args.out)  # every output decided before any is written
     model, config, rate = load_checkpoint(args.checkpoint)

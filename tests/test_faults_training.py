@@ -22,7 +22,7 @@ from dereverb_data.stft import StftConfig
 from dereverb_data.store_format import StoreError, StoreReadError
 from training.checkpoint import CheckpointError
 from training.enhance import EnhanceError, enhance_file, plan_outputs
-from training.evaluate import load_checkpoint
+from training.inference import load_checkpoint
 from training.train import RunFolderError, load_model, train
 
 from .test_training import tiny_config, write_synthetic_store

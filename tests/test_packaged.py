@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from dereverb_data.demo_corpus import synthesize_utterance
 from dereverb_data.stft import stft
 from training.checkpoint import CheckpointError
-from training.evaluate import load_checkpoint
+from training.inference import load_checkpoint
 from training.models import MODELS
 from training.packaged import DEFAULT_MODEL_DIR, DEFAULT_MODEL_FILE, METADATA_KEY, export_model
 

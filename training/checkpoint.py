@@ -12,9 +12,13 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .models import SpectralModel
 
 # What every checkpoint holds (see ``training.train.train``'s ``make_checkpoint``); the training
 # state (optimizer, scheduler, ...) is only needed to resume and is checked there.
@@ -94,3 +98,38 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise not_a_checkpoint(path, f"stft settings lack {', '.join(missing)}")
     return saved
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any],
+    checkpoint_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+) -> tuple[SpectralModel, TrainConfig]:
+    """The model of a checkpoint dict (``read_checkpoint``, or ``training.packaged``'s exported
+    form) in eval mode on ``device``, with its training config.
+
+    Raises ``CheckpointError`` naming ``checkpoint_path`` when its config, model name or
+    weights do not make a model.
+    """
+    from .config import TrainConfig, resolve_device
+    from .models import build_model
+
+    try:
+        config = TrainConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as exc:
+        raise not_a_checkpoint(checkpoint_path, f"bad config: {one_line(exc)}") from None
+    try:
+        model = build_model(
+            checkpoint["model_name"], int(checkpoint["n_freq"]), **checkpoint["model_kwargs"]
+        )
+    except (TypeError, ValueError) as exc:
+        raise not_a_checkpoint(checkpoint_path, one_line(exc)) from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        name = checkpoint["model_name"]
+        reason = f"weights do not fit model {name!r}: {one_line(exc, 120)}"
+        raise not_a_checkpoint(checkpoint_path, reason) from None
+    model.to(resolve_device(device) if isinstance(device, str) else device)
+    model.eval()
+    return model, config

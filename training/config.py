@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,9 @@ from pydantic import (
 )
 
 from dereverb_data.yaml_file import read_yaml
+
+if TYPE_CHECKING:
+    import torch
 
 # Mirrors training.models.DEFAULT_MODEL (checked by the tests): importing training.models here
 # would import torch into every process that only reads a config.
@@ -221,3 +224,12 @@ def load_train_config(
         return TrainConfig.from_dict(values)
     except TrainConfigError as exc:
         raise TrainConfigError(f"{source}: {exc}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a config's ``device`` names: ``auto`` is CUDA when present, else CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -29,11 +29,11 @@ from scipy.signal import fftconvolve
 
 from dereverb_data.acoustics import DIRECT_WINDOW_MS, direct_path_index, measure_rir
 from dereverb_data.corpus import AudioError, read_audio
-from dereverb_data.stft import WINDOWS, StftConfig, istft, stft
+from dereverb_data.stft import StftConfig, istft, stft
 from dereverb_data.store_format import open_store
 
-from .checkpoint import not_a_checkpoint, one_line, read_checkpoint
 from .enhance import model_spec_fn, reconstruct_fn
+from .inference import load_checkpoint
 from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, compute_metrics
 from .wpe import wpe_dereverb
 
@@ -47,38 +47,6 @@ class Example:
     rt60: float
     reverberant: np.ndarray
     target: np.ndarray
-
-
-def load_checkpoint(
-    checkpoint: str | Path | None = None, device: str = "cpu"
-) -> tuple[torch.nn.Module, StftConfig, int]:
-    """The model, its STFT settings and sample rate, from a training checkpoint (``.pt``), an
-    exported model (``.safetensors``, ``training.packaged``) or, for ``None``, the packaged
-    default model.
-
-    Raises ``FileNotFoundError`` for a missing file and ``training.checkpoint.CheckpointError``
-    (a ``ValueError``, message ``<path>: not a dereverb checkpoint (...)``) for anything else
-    that is not a usable checkpoint.
-    """
-    from .packaged import DEFAULT_MODEL_FILE, is_exported, read_exported
-    from .train import model_from_checkpoint
-
-    checkpoint = DEFAULT_MODEL_FILE if checkpoint is None else checkpoint
-    # A .pt checkpoint is read once, never with weights_only=False.
-    saved = read_exported(checkpoint) if is_exported(checkpoint) else read_checkpoint(checkpoint)
-    model, _ = model_from_checkpoint(saved, checkpoint, device)
-    s = saved["stft"]
-    try:
-        config = StftConfig(int(s["n_fft"]), int(s["hop"]), s["window"])
-        sample_rate = int(saved["sample_rate"])
-    except (TypeError, ValueError) as exc:
-        raise not_a_checkpoint(checkpoint, f"bad stft or sample_rate: {one_line(exc)}") from None
-    # The model's input width must be the STFT's; a mismatch would only fail mid-file later.
-    if config.window not in WINDOWS or config.n_freq != int(saved["n_freq"]) or sample_rate <= 0:
-        raise not_a_checkpoint(
-            checkpoint, f"inconsistent stft {s!r}, n_freq {saved['n_freq']}, rate {sample_rate}"
-        )
-    return model, config, sample_rate
 
 
 def store_examples(url: str, split: str, limit: int | None = None) -> Iterator[Example]:

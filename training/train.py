@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from dereverb_data.stft import StftConfig
 from dereverb_data.store_format import open_store
-from training.checkpoint import not_a_checkpoint, one_line, read_checkpoint
-from training.config import TrainConfig
+from training.checkpoint import model_from_checkpoint, not_a_checkpoint, one_line, read_checkpoint
+from training.config import TrainConfig, resolve_device
 from training.data import (
     CropDataset,
     ValidationDataset,
@@ -81,12 +81,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     min_factor = config.min_lr / config.lr
     return min_factor + (1 - min_factor) * cosine
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -386,34 +380,3 @@ def load_model(
     ``checkpoint["stft"]`` (the training store's STFT settings).
     """
     return model_from_checkpoint(read_checkpoint(checkpoint_path), checkpoint_path, device)
-
-
-def model_from_checkpoint(
-    checkpoint: dict[str, Any],
-    checkpoint_path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-) -> tuple[SpectralModel, TrainConfig]:
-    """:func:`load_model` for a checkpoint already read by ``read_checkpoint`` (one read).
-
-    Raises ``CheckpointError`` naming ``checkpoint_path`` when its config, model name or
-    weights do not make a model.
-    """
-    try:
-        config = TrainConfig.from_dict(checkpoint["config"])
-    except (TypeError, ValueError) as exc:
-        raise not_a_checkpoint(checkpoint_path, f"bad config: {one_line(exc)}") from None
-    try:
-        model = build_model(
-            checkpoint["model_name"], int(checkpoint["n_freq"]), **checkpoint["model_kwargs"]
-        )
-    except (TypeError, ValueError) as exc:
-        raise not_a_checkpoint(checkpoint_path, one_line(exc)) from None
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, ValueError) as exc:
-        name = checkpoint["model_name"]
-        reason = f"weights do not fit model {name!r}: {one_line(exc, 120)}"
-        raise not_a_checkpoint(checkpoint_path, reason) from None
-    model.to(resolve_device(device) if isinstance(device, str) else device)
-    model.eval()
-    return model, config
