@@ -45,6 +45,38 @@ def test_blocks_with_context_reproduce_whole_signal_processing() -> None:
     np.testing.assert_allclose(half, 0.5 * x, atol=1e-5)
 
 
+def smear(spec: np.ndarray) -> np.ndarray:
+    """A model that looks 3 frames back and ahead (a moving average over 7 frames)."""
+    padded = np.pad(spec, ((3, 3), (0, 0)))
+    return sum(padded[k : k + spec.shape[0]] for k in range(7)) / 7
+
+
+def test_context_makes_blocks_equal_to_the_whole_signal_for_a_model_with_memory() -> None:
+    from dereverb_data.stft import istft, stft
+
+    x = speech(10.0, 16000)
+    whole = istft(smear(stft(x, CONFIG)), CONFIG, x.size)  # the file as one block
+    chunks = (x[i : i + 3000] for i in range(0, x.size, 3000))
+    blocks = np.concatenate(list(enhance_stream(chunks, smear, CONFIG, 16000, 2048)))
+    # 16 frames of context cover the 3 the model looks at: the same samples, to float rounding.
+    np.testing.assert_allclose(blocks, whole, atol=1e-6)
+    chunks = (x[i : i + 3000] for i in range(0, x.size, 3000))
+    blind = np.concatenate(list(enhance_stream(chunks, smear, CONFIG, 16000, 0)))
+    assert ser_db(whole, blind) < 40  # without context the block edges show
+
+
+def test_a_file_shorter_than_a_block_is_one_model_call_on_its_own_frames() -> None:
+    x = speech(9.0, 16000)
+    calls: list[int] = []
+
+    def counting(spec: np.ndarray) -> np.ndarray:
+        calls.append(spec.shape[0])
+        return spec
+
+    y = np.concatenate(list(enhance_stream(iter([x]), counting, CONFIG, 30 * 16000, 16000)))
+    assert calls == [CONFIG.n_frames(x.size)] and y.size == x.size
+
+
 def test_file_at_44k_stereo_comes_back_at_44k_mono(tmp_path: Path) -> None:
     x = speech(4.0, 44100)
     source = tmp_path / "in.flac"

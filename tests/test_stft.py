@@ -86,3 +86,16 @@ def test_bad_shapes_are_refused() -> None:
         istft(np.zeros((10, 100), np.complex64), config, 1000)
     with pytest.raises(ValueError, match="window"):
         analysis_window(512, "kaiser")
+
+
+@pytest.mark.parametrize(("n_fft", "hop"), [(512, 128), (256, 64), (400, 160), (512, 512)])
+def test_overlap_add_is_bit_identical_to_np_add_at(n_fft: int, hop: int) -> None:
+    # The reference: every frame scattered sample by sample with np.add.at, frames in order.
+    from dereverb_data.stft import _overlap_add
+
+    frames = np.random.default_rng(3).standard_normal((57, n_fft))
+    total = n_fft + hop * (frames.shape[0] - 1)
+    reference = np.zeros(total)
+    index = (np.arange(frames.shape[0]) * hop)[:, None] + np.arange(n_fft)[None, :]
+    np.add.at(reference, index, frames)
+    np.testing.assert_array_equal(_overlap_add(frames, hop, total), reference)

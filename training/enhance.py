@@ -140,30 +140,34 @@ def enhance_stream(
 
     The output has exactly as many samples as the input. Block length and context are whole
     multiples of the hop so every block's frames line up with the frames of the whole signal.
+    A block gets ``context`` samples of the signal on each side where the signal has them: none
+    before the first block or after the last (there the model sees the signal's edge, as it does
+    when the whole file is one block), so a file shorter than a block costs no extra model time.
     """
     hop = config.hop
     block_samples = max(hop, block_samples // hop * hop)
     context = context_samples // hop * hop
-    buffer = np.zeros(context, np.float32)  # left context of the first block is silence
+    buffer = np.zeros(0, np.float32)
+    left = 0  # samples of left context at the start of ``buffer``
     done = False
     chunks = iter(blocks)
     while True:
-        while not done and buffer.size < context + block_samples + context:
+        while not done and buffer.size < left + block_samples + context:
             chunk = next(chunks, None)
             if chunk is None:
                 done = True
                 break
             buffer = np.concatenate([buffer, chunk.astype(np.float32)])
-        available = buffer.size - context
+        available = buffer.size - left
         if available <= 0:
             break
         take = min(block_samples, available)
-        window = buffer[: context + take + context]
-        padded = np.pad(window, (0, context + take + context - window.size))
-        spec = stft(padded, config)
-        enhanced = istft(spec_fn(spec), config, padded.size)
-        yield enhanced[context : context + take]
-        buffer = buffer[take:]
+        window = buffer[: left + take + min(context, available - take)]
+        enhanced = istft(spec_fn(stft(window, config)), config, window.size)
+        yield enhanced[left : left + take]
+        keep = min(context, left + take)  # the next block's left context
+        buffer = buffer[left + take - keep :]
+        left = keep
 
 
 def enhance_file(
