@@ -329,3 +329,42 @@ def test_serve_registers_and_runs_the_train_deployment(
     assert process.returncode == 0, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert asyncio.run(_read_deployment(TRAIN)).paused  # a clean stop pauses what it served
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser itself: every option explained, and --help without the heavy imports
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import argparse
+
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
+    assert not missing, missing
+
+
+def test_help_imports_none_of_the_heavy_libraries() -> None:
+    # What made `dereverb --help` take seconds: torch, scipy and zarr imported for nothing.
+    code = (
+        "import sys, contextlib, io\n"
+        "from flows.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('torch', 'scipy', 'zarr', 'prefect', 'dask')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
