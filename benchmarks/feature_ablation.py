@@ -204,12 +204,33 @@ def input_statistics(data: str, split: str = "test") -> dict[str, float]:
     return stats
 
 
+def model_scores(per_example: Path, metric: str = "pesq_wb") -> dict[str, float]:
+    """The model's ``metric`` per example id, from one evaluation's ``per_example.csv``."""
+    import csv
+
+    with per_example.open() as handle:
+        return {
+            row["example_id"]: float(row[metric])
+            for row in csv.DictReader(handle)
+            if row["system"] != "input" and row.get(metric) not in (None, "")
+        }
+
+
+def paired_difference(a: Path, b: Path) -> tuple[float, float]:
+    """Mean and standard error of (a - b) over the examples both scored: how far apart two
+    arms are compared with the spread of examples (not of training seeds, which one run per
+    arm cannot show)."""
+    sa, sb = model_scores(a), model_scores(b)
+    diffs = torch.tensor([sa[k] - sb[k] for k in sa if k in sb], dtype=torch.float64)
+    return float(diffs.mean()), float(diffs.std() / diffs.numel() ** 0.5)
+
+
 def table(work: Path, data: str) -> str:
     realism = _realism()
     lines = [
         "| input | channels | sim PESQ-WB gain | sim ESTOI gain | sim SI-SDR gain dB "
-        "| real PESQ-WB gain | real ESTOI gain | real SI-SDR gain dB | final valid loss "
-        "| real -26 dB PESQ-WB gain | train min | top 1 % share |",
+        "| real PESQ-WB gain | real ESTOI gain | real SI-SDR gain dB "
+        "| real -26 dB PESQ-WB gain | final valid loss | train min | top 1 % share |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     stats_path = work / "input_statistics.json"
@@ -248,6 +269,28 @@ def table(work: Path, data: str) -> str:
         minutes = folder / "train_minutes.txt"
         cells.append(minutes.read_text().strip() if minutes.exists() else "")
         cells.append(f"{stats[features]:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    reference = "rgb_image"
+    lines += [
+        "",
+        f"Model PESQ-WB minus the `{reference}` model's, example by example (mean +- standard "
+        "error over examples):",
+        "",
+        "| input | sim | real | real -26 dB |",
+        "|---|---:|---:|---:|",
+    ]
+    for features in ARMS:
+        if features == reference:
+            continue
+        cells = [f"`{features}`"]
+        for name in ("eval-sim", "eval-real", "eval-real-quiet"):
+            a = work / features / name / "per_example.csv"
+            b = work / reference / name / "per_example.csv"
+            if a.exists() and b.exists():
+                mean, error = paired_difference(a, b)
+                cells.append(f"{mean:+.3f} +- {error:.3f}")
+            else:
+                cells.append("(not run)")
         lines.append("| " + " | ".join(cells) + " |")
     for name, label in (("eval-sim", "Simulated test split"), ("eval-real", "Real-room check")):
         if name in inputs:
