@@ -2,10 +2,11 @@
 
 A file is read, resampled (soxr, streaming) and processed in blocks: each block is enhanced with
 ``context`` seconds of audio on both sides and only its centre is kept, so block edges never
-reach the output and a one-hour file needs no more memory than one block. Blocks are 30 s: the
-context then costs 7 % more model time (25 % with the 8 s blocks of before), and most recordings
-are one block. Policy for several channels: they are averaged to mono before enhancement (the
-models are single-channel), and the output is mono at the input's sample rate.
+reach the output and a one-hour file needs no more memory than one block. Blocks are 15 s: the
+context costs 13 % more model time on long files (25 % with 8 s blocks), most utterances are
+one block, and 30 s blocks measured no faster (benchmarks/inference_speed.py). Policy for
+several channels: they are averaged to mono before enhancement (the models are single-channel),
+and the output is mono at the input's sample rate.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def enhance_file(
     destination: str | Path,
     sample_rate: int,
     config: StftConfig,
-    block_s: float = 30.0,
+    block_s: float = 15.0,
     context_s: float = 1.0,
     progress: bool = False,
 ) -> Path:
