@@ -52,26 +52,31 @@ def plan_task(
     pending_rooms = [room for room, rirs in rooms.items() if not set(rirs) <= banked]
     store = DatasetStore(store_url)
     done, pending_shards = [], []
-    for shard in plan.shards:
-        is_done = store.shard_is_done(shard.shard_id, shard.fingerprint)
-        (done if is_done else pending_shards).append(shard)
+    for shard_id, fingerprint in enumerate(plan.columns["shard_fingerprint"].astype("U").tolist()):
+        is_done = store.shard_is_done(shard_id, fingerprint)
+        (done if is_done else pending_shards).append(shard_id)
     return {
+        "plan_id": plan.plan_id,  # tasks load this plan from the store, and check it is this
         "summary": plan.summary(),
         "rooms": pending_rooms,
         "room_costs": [steps.room_cost(plan, room, rooms[room]) for room in pending_rooms],
         "rirs_already_banked": sum(len(rooms[r]) for r in rooms if r not in pending_rooms),
-        "shards": [s.shard_id for s in pending_shards],
-        "shard_costs": steps.shard_costs(plan, [s.shard_id for s in pending_shards]),
-        "shard_rooms": steps.shard_rooms(plan, [s.shard_id for s in pending_shards]),
+        "shards": pending_shards,
+        "shard_costs": steps.shard_costs(plan, pending_shards),
+        "shard_rooms": steps.shard_rooms(plan, pending_shards),
         "shards_done": len(done),
-        "examples_done": sum(len(s.example_ids) for s in done),
+        "examples_done": sum(len(plan.shard_rows(s)) for s in done),
         "quarantined": [q.reason for q in plan.quarantined],
     }
 
 
 @task(name="build-rooms", cache_policy=NO_CACHE, retries=2)
 def build_rooms_task(
-    store_url: str, room_ids: list[str], shard_ids: list[int], rir_cache: str
+    store_url: str,
+    room_ids: list[str],
+    shard_ids: list[int],
+    rir_cache: str,
+    plan_id: str | None = None,
 ) -> dict:
     """Simulate the missing RIRs of a batch of rooms, then render those of ``shard_ids`` (the
     shards that need these rooms) whose RIRs are all banked: one task run instead of two (each
@@ -81,28 +86,32 @@ def build_rooms_task(
     rooms last, since that one finds every RIR banked (rarely both, which write the same
     bytes; the flow renders any shard that neither did)."""
     steps.limit_threads()
-    counts = [steps.simulate_room_step(store_url, room, rir_cache) for room in room_ids]
-    ready = steps.shards_ready(store_url, shard_ids, rir_cache)
+    counts = [steps.simulate_room_step(store_url, room, rir_cache, plan_id) for room in room_ids]
+    ready = steps.shards_ready(store_url, shard_ids, rir_cache, plan_id)
     return {
         "simulated": sum(new for new, _ in counts),
         "reused": sum(old for _, old in counts),
-        "shards": _render(store_url, ready, rir_cache),
+        "shards": _render(store_url, ready, rir_cache, plan_id),
     }
 
 
 @task(name="render-shards", cache_policy=NO_CACHE, retries=2)
-def render_shards_task(store_url: str, shard_ids: list[int], rir_cache: str) -> list[dict]:
+def render_shards_task(
+    store_url: str, shard_ids: list[int], rir_cache: str, plan_id: str | None = None
+) -> list[dict]:
     """Render a batch of shards whose rooms are all simulated."""
     steps.limit_threads()
-    return _render(store_url, shard_ids, rir_cache)
+    return _render(store_url, shard_ids, rir_cache, plan_id)
 
 
-def _render(store_url: str, shard_ids: list[int], rir_cache: str) -> list[dict]:
+def _render(
+    store_url: str, shard_ids: list[int], rir_cache: str, plan_id: str | None
+) -> list[dict]:
     """Each shard is written whole and marked done on its own, so a crash mid-batch keeps the
     shards already finished."""
     results = []
     for shard_id in shard_ids:
-        result = steps.render_shard_step(store_url, shard_id, rir_cache)
+        result = steps.render_shard_step(store_url, shard_id, rir_cache, plan_id)
         results.append(
             {
                 "shard_id": result.shard_id,
@@ -115,8 +124,8 @@ def _render(store_url: str, shard_ids: list[int], rir_cache: str) -> list[dict]:
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize_task(store_url: str) -> dict:
-    return steps.finalize_step(store_url)
+def finalize_task(store_url: str, plan_id: str | None = None) -> dict:
+    return steps.finalize_step(store_url, plan_id)
 
 
 TASKS_PER_SLOT = 4  # enough tasks to balance the load, few enough that orchestration is cheap
@@ -170,6 +179,7 @@ def _results(futures: list[PrefectFuture], what: str) -> list:
 def _simulate_then_render(
     store_url: str,
     rir_cache: str,
+    plan_id: str,
     room_batches: list[tuple[list[str], list[int]]],
     shard_batches: list[list[int]],
     slots: int,
@@ -190,6 +200,7 @@ def _simulate_then_render(
         [rooms for rooms, _ in rest],
         [shards for _, shards in rest],
         unmapped(rir_cache),
+        unmapped(plan_id),
     )
     render_futures: list[PrefectFuture] = []
 
@@ -197,7 +208,8 @@ def _simulate_then_render(
         if render_futures or len(room_futures) - finished > slots:
             return
         render_futures.extend(
-            render_shards_task.submit(store_url, batch, rir_cache) for batch in shard_batches
+            render_shards_task.submit(store_url, batch, rir_cache, plan_id)
+            for batch in shard_batches
         )
 
     submit_renders(0)
@@ -216,6 +228,7 @@ def _simulate_while_starting(
     cluster_start: ClusterStart,
     store_url: str,
     rir_cache: str,
+    plan_id: str,
     rooms: list[tuple[str, list[int]]],
 ) -> list[PrefectFuture]:
     """Build rooms (each with the shards that need it) in this process, one at a time, until
@@ -235,6 +248,7 @@ def _simulate_while_starting(
             "room_ids": [room],
             "shard_ids": shards,
             "rir_cache": rir_cache,
+            "plan_id": plan_id,
         }
         future = lane.submit(build_rooms_task, parameters)
         futures.append(future)
@@ -379,7 +393,9 @@ def _build(
         started: list[PrefectFuture] = []
         if cluster_start is not None:  # this process works while its cluster starts
             lane = stack.enter_context(ThreadPoolTaskRunner(max_workers=1))
-            started = _simulate_while_starting(lane, cluster_start, store_url, rir_cache, units)
+            started = _simulate_while_starting(
+                lane, cluster_start, store_url, rir_cache, planned["plan_id"], units
+            )
         taken = len(started)
         room_batches = [([room], shard_ids) for room, shard_ids in units[:taken]]
         room_batches += _batched(units[taken:], unit_costs[taken:], slots)
@@ -388,7 +404,7 @@ def _build(
             [planned["shards"][j] for j in apart], apart_costs, batch_count(sum(apart_costs), slots)
         )
         built, render_futures = _simulate_then_render(
-            store_url, rir_cache, room_batches, shard_batches, slots, started
+            store_url, rir_cache, planned["plan_id"], room_batches, shard_batches, slots, started
         )
         rendered = [s for batch in _results(render_futures, "shard batches") for s in batch]
         rendered += [s for batch in built for s in batch["shards"]]
@@ -396,9 +412,9 @@ def _build(
         missed = [s for s in planned["shards"] if s not in reported]
         if missed:  # no task found every RIR of these banked (see build_rooms_task)
             logger.warning("rendering %d shards no room batch rendered", len(missed))
-            rendered += render_shards_task(store_url, missed, rir_cache)
+            rendered += render_shards_task(store_url, missed, rir_cache, planned["plan_id"])
     shard_results = _merged(rendered)
-    report = finalize_task(store_url)
+    report = finalize_task(store_url, planned["plan_id"])
     counts = {
         "rirs_simulated": sum(batch["simulated"] for batch in built),
         "rirs_reused": planned["rirs_already_banked"] + sum(batch["reused"] for batch in built),
