@@ -643,7 +643,12 @@ def make_plan(
         for split in set(speaker_splits.values())
     }
     seed = manifest.seed
-    rms_range = manifest.level.rms_dbfs if manifest.level.mode == "rms" else None
+    rms_low = rms_span = None
+    if manifest.level.mode == "rms":
+        # Generator.uniform(low, high) is low + (high - low) * random(), without its checks
+        # (a third of the per-example cost); tests/test_plan_store.py pins the equality.
+        rms_low = float(manifest.level.rms_dbfs[0])
+        rms_span = float(manifest.level.rms_dbfs[1]) - rms_low
     positions = rooms_cfg.positions_per_room
 
     # Each distinct spec once: simulated (room, placement) and measured specs are shared by
@@ -688,8 +693,8 @@ def make_plan(
             room = candidates[int(rng.integers(len(candidates)))]
             j = int(rng.integers(positions))
             rms = None
-            if rms_range is not None:
-                rms = round(float(rng.uniform(*rms_range)), 3)
+            if rms_span is not None:
+                rms = round(rms_low + rms_span * rng.random(), 3)
             spec: AnyRirSpec | None = simulated.get((room.room_id, j))
             if spec is None:
                 spec = RirSpec(
@@ -735,7 +740,9 @@ def make_plan(
                 ):
                     column.append(value)
             if noise is None:  # noise-free examples keep their fingerprints
-                text = f"{hash_prefix}{json.dumps(rir_id)},{_json(rms)},{render_json}]"
+                # RIR ids are hex digits; a float's JSON is its repr
+                level = "null" if rms is None else repr(rms)
+                text = f'{hash_prefix}"{rir_id}",{level},{render_json}]'
                 fingerprint = hashlib.sha256(text.encode()).hexdigest()[:24]
             else:
                 parts = [utt.content_hash, utt.num_samples, rir_id, rms, _render_config(manifest)]
