@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
@@ -25,12 +23,12 @@ from .corpus import AudioError, load_utterance, scan_corpus
 from .inspect import distribution
 from .lock import build_lock
 from .manifest import Manifest
-from .measured_rirs import ROOM_PREFIX, MeasuredRirSpec, scan_measured
+from .measured_rirs import ROOM_PREFIX, scan_measured
 from .noise import noise_signal, scan_noise_files
 from .plan import Plan, make_plan
 from .preflight import check_same_dataset
 from .render import render_pair
-from .rir_bank import RirBank, base_spec, get_or_simulate
+from .rir_bank import RirBank, get_or_simulate
 from .stft import stft
 from .store import DatasetStore, package_versions
 from .store_format import (
@@ -46,8 +44,6 @@ from .store_format import (
     index_columns,
     shard_checksum,
 )
-
-T = TypeVar("T")
 
 THREAD_VARIABLES = ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -180,108 +176,6 @@ def load_plan(store_url: str, plan_id: str | None = None) -> Plan:
 def rirs_by_room(plan: Plan) -> dict[str, list[str]]:
     """The RIR ids of each room in use, in a stable order."""
     return plan.rir_ids_by_room()
-
-
-def balanced_batches(items: Sequence[T], costs: Sequence[float], n: int) -> list[list[T]]:
-    """Split ``items`` into at most ``n`` batches of near-equal total cost.
-
-    Greedy longest-processing-time first (each item, costliest first, joins the batch with the
-    least cost so far), ties by position, so the result is deterministic. Items keep their
-    original order inside a batch.
-    """
-    n = max(1, min(n, len(items)))
-    totals = [0.0] * n
-    members: list[list[int]] = [[] for _ in range(n)]
-    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
-        b = min(range(n), key=lambda b: (totals[b], b))
-        totals[b] += costs[i]
-        members[b].append(i)
-    return [[items[i] for i in sorted(m)] for m in members if m]
-
-
-def tapered_batches(
-    items: Sequence[T], costs: Sequence[float], n: int, slots: int
-) -> list[list[T]]:
-    """Split ``items`` into at most ``n`` batches whose cost shrinks, ``slots`` at a time.
-
-    Workers take batches in order as they come free, so a build ends when its last batches
-    do: if those are big, one worker finishes early and idles while another works through a
-    big one. Here the first ``slots`` batches get weight L, the next L - 1, ... and the last
-    ``slots`` weight 1 (L = n / slots levels), so the tail is small and the early batches
-    amortize their orchestration. Greedy: each item, costliest first, joins the batch furthest
-    below its share; ties by position, so the result is deterministic. Items keep their
-    original order inside a batch; batches come biggest first.
-    """
-    n = max(1, min(n, len(items)))
-    slots = max(1, min(slots, n))
-    levels = math.ceil(n / slots)
-    weights = [levels - b // slots for b in range(n)]
-    total_cost = sum(costs)
-    shares = [total_cost * w / sum(weights) for w in weights]
-    totals = [0.0] * n
-    members: list[list[int]] = [[] for _ in range(n)]
-    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
-        b = min(range(n), key=lambda b: (totals[b] - shares[b], b))
-        totals[b] += costs[i]
-        members[b].append(i)
-    return [[items[i] for i in sorted(m)] for m in members if m]
-
-
-# Rough CPU seconds per unit of work on a 2-core x86 VM (benchmarks/operations.py), used only
-# to size task batches: a room's RIRs per second of RT60 (the tail to simulate grows with it),
-# and rendering per second of audio.
-ROOM_SECONDS_PER_RT60_S = 0.4
-RENDER_SECONDS_PER_AUDIO_S = 0.005
-
-
-# The diffuse method (benchmarks/rir_methods.py): about 10 ms per RIR with its calibration,
-# nearly independent of the RT60.
-ROOM_SECONDS_PER_DIFFUSE_RIR = 0.01
-# A measured RIR is read, resampled and measured, not simulated.
-ROOM_SECONDS_PER_MEASURED_RIR = 0.02
-
-
-def room_cost(plan: Plan, room_id: str, rir_ids: Sequence[str]) -> float:
-    """Estimated CPU seconds to simulate a room's RIRs."""
-    # An augmented RIR costs about its base (its room's only other cost is the base itself).
-    if rir_ids and isinstance(base_spec(plan.rirs[rir_ids[0]]), MeasuredRirSpec):
-        return ROOM_SECONDS_PER_MEASURED_RIR * len(rir_ids)
-    if plan.manifest.simulation.method == "diffuse":
-        return ROOM_SECONDS_PER_DIFFUSE_RIR * len(rir_ids)
-    rt60 = plan.rooms[room_id].target_rt60 or 0.5
-    return ROOM_SECONDS_PER_RT60_S * rt60 * len(rir_ids)
-
-
-def shard_costs(plan: Plan, shard_ids: Sequence[int]) -> list[float]:
-    """Estimated CPU seconds to render each shard (proportional to its audio)."""
-    samples = plan.shard_samples().tolist()
-    rate = plan.manifest.sample_rate
-    return [RENDER_SECONDS_PER_AUDIO_S * samples[i] / rate for i in shard_ids]
-
-
-def shard_rooms(plan: Plan, shard_ids: Sequence[int]) -> list[list[str]]:
-    """The rooms whose RIRs each shard's examples use."""
-    rooms = plan.shard_room_ids()
-    return [rooms[i] for i in shard_ids]
-
-
-def shards_by_room(
-    rooms: Sequence[str], rooms_needed: Sequence[Sequence[str]]
-) -> tuple[dict[str, list[int]], list[int]]:
-    """For each room of ``rooms`` (the rooms still to simulate), the shards (positions in
-    ``rooms_needed``) that need it; and apart, the shards that need none of them. A shard
-    holds one room's examples, or two where one room's end and the next's start share it, so
-    most shards are listed under one room and a few under two. Positions keep their order."""
-    pending = set(rooms)
-    needing: dict[str, list[int]] = {room: [] for room in rooms}
-    apart: list[int] = []
-    for position, needed in enumerate(rooms_needed):
-        waits = sorted({room for room in needed if room in pending})
-        for room in waits:
-            needing[room].append(position)
-        if not waits:
-            apart.append(position)
-    return needing, apart
 
 
 def shards_ready(

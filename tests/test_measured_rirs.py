@@ -17,7 +17,7 @@ import soundfile as sf
 import yaml
 import zarr
 
-from dereverb_data.build import build_serial, load_plan, rirs_by_room, room_cost
+from dereverb_data.build import build_serial, load_plan, rirs_by_room
 from dereverb_data.corpus import AudioError, scan_corpus
 from dereverb_data.manifest import ManifestError, load_manifest, parse_manifest
 from dereverb_data.measured_rirs import (
@@ -31,6 +31,7 @@ from dereverb_data.measured_rirs import (
 from dereverb_data.plan import Plan, make_plan
 from dereverb_data.rir_bank import RirBank, get_or_simulate
 from dereverb_data.seeds import rng_for, stable_hash
+from flows.scheduling import room_cost
 
 from .conftest import DEMO_MANIFEST
 

@@ -96,7 +96,7 @@ def test_stored_plan_round_trips_to_exactly_the_plan(demo_scan, rich: bool) -> N
     assert stored.plan_id == plan.plan_id
     for name, column in plan.columns.items():
         assert stored.columns[name].dtype == column.dtype, name
-        assert np.array_equal(stored.columns[name], column, equal_nan=True), name
+        assert stored.columns[name].tobytes() == column.tobytes(), name
     # Records built for one shard are those of the whole plan, and ids map back to them.
     for shard in plan.shards:
         assert stored.shard(shard.shard_id) == shard
