@@ -124,56 +124,6 @@ def finalize_task(store_url: str, plan_id: str | None = None) -> dict:
     return steps.finalize_step(store_url, plan_id)
 
 
-def _results(futures: list[PrefectFuture], what: str) -> list:
-    """Wait for mapped tasks, logging progress as they finish; a failed task raises here."""
-    logger = get_run_logger()
-    total = len(futures)
-    every = max(1, total // 10)
-    for finished, _ in enumerate(as_completed(futures), 1):
-        if finished % every == 0 or finished == total:
-            logger.info("%s: %d/%d done", what, finished, total)
-    return [future.result() for future in futures]
-
-
-def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: dict) -> str:
-    s = report["summary"]
-    lines = [
-        f"# Dataset build: {Path(manifest_path).name}",
-        f"Store: `{store_url}`",
-        "",
-        "| examples | hours | shards | unique RIRs | quarantined | size on disk |",
-        "|---|---|---|---|---|---|",
-        f"| {s['examples']} | {s['hours']:.3f} | {s['shards']} | {s['unique_rirs']} | "
-        f"{s['quarantined']} | {s['size_on_disk_bytes'] / 1e6:.1f} MB |",
-        "",
-        f"Examples per split: {s['examples_per_split']}; speakers per split: "
-        f"{s['speakers_per_split']}.",
-        f"RIRs simulated now: {counts['rirs_simulated']}, reused: {counts['rirs_reused']}; "
-        f"shards rendered now: {counts['shards_rendered']}, kept: {counts['shards_kept']}; "
-        f"examples rendered now: {counts['examples_rendered']}, kept: {counts['examples_kept']}.",
-        "",
-        "| label | min | p10 | median | p90 | max |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label in ("rt60_t30_s", "drr_db", "c50_db", "distance_m"):
-        d = s[label]
-        lines.append(
-            f"| {label} | {d.get('min')} | {d.get('p10')} | {d.get('median')} | {d.get('p90')} | "
-            f"{d.get('max')} |"
-        )
-    if s.get("rt60_in_requested_range") is not None:
-        lines.append(
-            f"\nMeasured RT60 inside the requested range: {s['rt60_in_requested_range']:.0%}"
-        )
-    if report.get("warnings"):
-        lines += ["", "## Warnings", ""]
-        lines += [f"- {warning}" for warning in report["warnings"]]
-    if report["quarantined"]:
-        lines += ["", "## Quarantined files", ""]
-        lines += [f"- `{q['file']}`: {q['reason']}" for q in report["quarantined"]]
-    return "\n".join(lines)
-
-
 @flow(name="build-dataset", log_prints=True)
 def build_dataset(
     manifest_path: str,
@@ -321,3 +271,56 @@ def run_build(
     return flow(
         manifest_path, store_url, rir_cache, corpus_path, then_train, break_lock, repair, replace
     )
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _results(futures: list[PrefectFuture], what: str) -> list:
+    """Wait for mapped tasks, logging progress as they finish; a failed task raises here."""
+    logger = get_run_logger()
+    total = len(futures)
+    every = max(1, total // 10)
+    for finished, _ in enumerate(as_completed(futures), 1):
+        if finished % every == 0 or finished == total:
+            logger.info("%s: %d/%d done", what, finished, total)
+    return [future.result() for future in futures]
+
+
+def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: dict) -> str:
+    s = report["summary"]
+    lines = [
+        f"# Dataset build: {Path(manifest_path).name}",
+        f"Store: `{store_url}`",
+        "",
+        "| examples | hours | shards | unique RIRs | quarantined | size on disk |",
+        "|---|---|---|---|---|---|",
+        f"| {s['examples']} | {s['hours']:.3f} | {s['shards']} | {s['unique_rirs']} | "
+        f"{s['quarantined']} | {s['size_on_disk_bytes'] / 1e6:.1f} MB |",
+        "",
+        f"Examples per split: {s['examples_per_split']}; speakers per split: "
+        f"{s['speakers_per_split']}.",
+        f"RIRs simulated now: {counts['rirs_simulated']}, reused: {counts['rirs_reused']}; "
+        f"shards rendered now: {counts['shards_rendered']}, kept: {counts['shards_kept']}; "
+        f"examples rendered now: {counts['examples_rendered']}, kept: {counts['examples_kept']}.",
+        "",
+        "| label | min | p10 | median | p90 | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in ("rt60_t30_s", "drr_db", "c50_db", "distance_m"):
+        d = s[label]
+        lines.append(
+            f"| {label} | {d.get('min')} | {d.get('p10')} | {d.get('median')} | {d.get('p90')} | "
+            f"{d.get('max')} |"
+        )
+    if s.get("rt60_in_requested_range") is not None:
+        lines.append(
+            f"\nMeasured RT60 inside the requested range: {s['rt60_in_requested_range']:.0%}"
+        )
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {warning}" for warning in report["warnings"]]
+    if report["quarantined"]:
+        lines += ["", "## Quarantined files", ""]
+        lines += [f"- `{q['file']}`: {q['reason']}" for q in report["quarantined"]]
+    return "\n".join(lines)
