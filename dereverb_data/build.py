@@ -9,17 +9,13 @@ redoes only what is not recorded as done.
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import json
-import math
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
@@ -27,25 +23,27 @@ from .corpus import AudioError, load_utterance, scan_corpus
 from .inspect import distribution
 from .lock import build_lock
 from .manifest import Manifest
-from .measured_rirs import ROOM_PREFIX, MeasuredRirSpec, scan_measured
+from .measured_rirs import ROOM_PREFIX, scan_measured
 from .noise import noise_signal, scan_noise_files
 from .plan import Plan, make_plan
 from .preflight import check_same_dataset
 from .render import render_pair
-from .rir_bank import AugmentedRirSpec, RirBank, base_spec, get_or_simulate
+from .rir_bank import RirBank, get_or_simulate
 from .stft import stft
 from .store import DatasetStore, package_versions
 from .store_format import (
     BUILD_DIR,
+    LEGACY_PLAN_INPUTS,
+    PLAN_FILE,
+    PLAN_FORMAT_VERSION,
     PLANNED_FROM_EXAMPLE,
     ExampleLabels,
+    StoreReadError,
     decode,
     encode,
     index_columns,
     shard_checksum,
 )
-
-T = TypeVar("T")
 
 THREAD_VARIABLES = ("PRA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -113,7 +111,7 @@ def prepare_build(manifest: Manifest, store_url: str, replace: bool = False) -> 
     store = DatasetStore(store_url)
     cache = _read_scan_cache(store)
     plan = plan_inputs(manifest, cache)
-    if not plan.examples:
+    if not plan.n_examples:
         raise AudioError(
             f"no usable utterances: {len(plan.quarantined)} file(s) quarantined, e.g. "
             + "; ".join(q.reason for q in plan.quarantined[:3])
@@ -135,139 +133,61 @@ def _read_scan_cache(store: DatasetStore) -> dict[str, dict]:
     return cache if isinstance(cache, dict) else {}
 
 
-@functools.lru_cache(maxsize=4)
-def _plan_from_text(digest: str, text: str) -> Plan:
-    return Plan.from_json(text)
+_LOADED: dict[str, tuple[object, Plan]] = {}  # store URL -> (what identifies the file, plan)
 
 
-def load_plan(store_url: str) -> Plan:
-    """The store's plan, rebuilt once per process (tasks pass only the store URL)."""
-    text = DatasetStore(store_url).read_text(f"{BUILD_DIR}/plan.json")
-    return _plan_from_text(hashlib.sha256(text.encode()).hexdigest(), text)
+def load_plan(store_url: str, plan_id: str | None = None) -> Plan:
+    """The plan the build stored in the store, read once per process and never planned again.
+
+    ``plan_id``, when given, is the plan the caller expects (the flow passes the one it made):
+    a plan cached under that id is returned without touching the store, and a stored plan of
+    another id is an error. Otherwise the file's size and time decide whether the cached one
+    is still the stored one. A store built before plans were stored, and a damaged plan, are
+    refused in one line.
+    """
+    store = DatasetStore(store_url)
+    cached = _LOADED.get(store.url)
+    if cached is not None and plan_id is not None and cached[1].plan_id == plan_id:
+        return cached[1]
+    path = f"{store.root}/{PLAN_FILE}"
+    try:
+        info = store.fs.info(path)
+    except FileNotFoundError:
+        if store.fs.exists(f"{store.root}/{LEGACY_PLAN_INPUTS}"):
+            raise StoreReadError(
+                f"{store_url}: built before plans were stored (it has {LEGACY_PLAN_INPUTS}, no "
+                f"{PLAN_FILE} of plan format {PLAN_FORMAT_VERSION}); run the build again, which "
+                "stores its plan and keeps every shard already done"
+            ) from None
+        raise StoreReadError(f"{store_url}: no stored plan ({PLAN_FILE}); build it first") from None
+    stamp = tuple(sorted((k, str(v)) for k, v in info.items()))
+    if cached is not None and cached[0] == stamp and plan_id in (None, cached[1].plan_id):
+        return cached[1]
+    plan = Plan.from_stored(store.read_bytes(PLAN_FILE), f"{store_url}/{PLAN_FILE}")
+    if plan_id is not None and plan.plan_id != plan_id:
+        raise StoreReadError(
+            f"{store_url}: the stored plan is {plan.plan_id!r}, not {plan_id!r} that this build "
+            "made: another build planned this store since; run the build again"
+        )
+    _LOADED[store.url] = (stamp, plan)
+    return plan
 
 
 def rirs_by_room(plan: Plan) -> dict[str, list[str]]:
     """The RIR ids of each room in use, in a stable order."""
-    rooms: dict[str, list[str]] = {}
-    for rir_id in sorted(plan.rirs):
-        rooms.setdefault(plan.rirs[rir_id].room.room_id, []).append(rir_id)
-    return dict(sorted(rooms.items()))
+    return plan.rir_ids_by_room()
 
 
-def balanced_batches(items: Sequence[T], costs: Sequence[float], n: int) -> list[list[T]]:
-    """Split ``items`` into at most ``n`` batches of near-equal total cost.
-
-    Greedy longest-processing-time first (each item, costliest first, joins the batch with the
-    least cost so far), ties by position, so the result is deterministic. Items keep their
-    original order inside a batch.
-    """
-    n = max(1, min(n, len(items)))
-    totals = [0.0] * n
-    members: list[list[int]] = [[] for _ in range(n)]
-    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
-        b = min(range(n), key=lambda b: (totals[b], b))
-        totals[b] += costs[i]
-        members[b].append(i)
-    return [[items[i] for i in sorted(m)] for m in members if m]
-
-
-def tapered_batches(
-    items: Sequence[T], costs: Sequence[float], n: int, slots: int
-) -> list[list[T]]:
-    """Split ``items`` into at most ``n`` batches whose cost shrinks, ``slots`` at a time.
-
-    Workers take batches in order as they come free, so a build ends when its last batches
-    do: if those are big, one worker finishes early and idles while another works through a
-    big one. Here the first ``slots`` batches get weight L, the next L - 1, ... and the last
-    ``slots`` weight 1 (L = n / slots levels), so the tail is small and the early batches
-    amortize their orchestration. Greedy: each item, costliest first, joins the batch furthest
-    below its share; ties by position, so the result is deterministic. Items keep their
-    original order inside a batch; batches come biggest first.
-    """
-    n = max(1, min(n, len(items)))
-    slots = max(1, min(slots, n))
-    levels = math.ceil(n / slots)
-    weights = [levels - b // slots for b in range(n)]
-    total_cost = sum(costs)
-    shares = [total_cost * w / sum(weights) for w in weights]
-    totals = [0.0] * n
-    members: list[list[int]] = [[] for _ in range(n)]
-    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
-        b = min(range(n), key=lambda b: (totals[b] - shares[b], b))
-        totals[b] += costs[i]
-        members[b].append(i)
-    return [[items[i] for i in sorted(m)] for m in members if m]
-
-
-# Rough CPU seconds per unit of work on a 2-core x86 VM (benchmarks/operations.py), used only
-# to size task batches: a room's RIRs per second of RT60 (the tail to simulate grows with it),
-# and rendering per second of audio.
-ROOM_SECONDS_PER_RT60_S = 0.4
-RENDER_SECONDS_PER_AUDIO_S = 0.005
-
-
-# The diffuse method (benchmarks/rir_methods.py): about 10 ms per RIR with its calibration,
-# nearly independent of the RT60.
-ROOM_SECONDS_PER_DIFFUSE_RIR = 0.01
-# A measured RIR is read, resampled and measured, not simulated.
-ROOM_SECONDS_PER_MEASURED_RIR = 0.02
-
-
-def room_cost(plan: Plan, room_id: str, rir_ids: Sequence[str]) -> float:
-    """Estimated CPU seconds to simulate a room's RIRs."""
-    # An augmented RIR costs about its base (its room's only other cost is the base itself).
-    if rir_ids and isinstance(base_spec(plan.rirs[rir_ids[0]]), MeasuredRirSpec):
-        return ROOM_SECONDS_PER_MEASURED_RIR * len(rir_ids)
-    if plan.manifest.simulation.method == "diffuse":
-        return ROOM_SECONDS_PER_DIFFUSE_RIR * len(rir_ids)
-    rt60 = plan.rooms[room_id].target_rt60 or 0.5
-    return ROOM_SECONDS_PER_RT60_S * rt60 * len(rir_ids)
-
-
-def shard_costs(plan: Plan, shard_ids: Sequence[int]) -> list[float]:
-    """Estimated CPU seconds to render each shard (proportional to its audio)."""
-    samples: Counter[int] = Counter()
-    for example in plan.examples:
-        samples[example.shard] += example.num_samples
-    rate = plan.manifest.sample_rate
-    return [RENDER_SECONDS_PER_AUDIO_S * samples[i] / rate for i in shard_ids]
-
-
-def shard_rooms(plan: Plan, shard_ids: Sequence[int]) -> list[list[str]]:
-    """The rooms whose RIRs each shard's examples use."""
-    rooms: dict[int, set[str]] = {}
-    for example in plan.examples:
-        rooms.setdefault(example.shard, set()).add(example.room_id)
-    return [sorted(rooms.get(i, ())) for i in shard_ids]
-
-
-def shards_by_room(
-    rooms: Sequence[str], rooms_needed: Sequence[Sequence[str]]
-) -> tuple[dict[str, list[int]], list[int]]:
-    """For each room of ``rooms`` (the rooms still to simulate), the shards (positions in
-    ``rooms_needed``) that need it; and apart, the shards that need none of them. A shard
-    holds one room's examples, or two where one room's end and the next's start share it, so
-    most shards are listed under one room and a few under two. Positions keep their order."""
-    pending = set(rooms)
-    needing: dict[str, list[int]] = {room: [] for room in rooms}
-    apart: list[int] = []
-    for position, needed in enumerate(rooms_needed):
-        waits = sorted({room for room in needed if room in pending})
-        for room in waits:
-            needing[room].append(position)
-        if not waits:
-            apart.append(position)
-    return needing, apart
-
-
-def shards_ready(store_url: str, shard_ids: Sequence[int], rir_cache: str) -> list[int]:
+def shards_ready(
+    store_url: str, shard_ids: Sequence[int], rir_cache: str, plan_id: str | None = None
+) -> list[int]:
     """The shards of ``shard_ids`` whose RIRs are all in the bank, in order."""
-    plan = load_plan(store_url)
+    plan = load_plan(store_url, plan_id)
     bank = RirBank(rir_cache)
     banked: dict[str, bool] = {}
     ready = []
     for shard_id in shard_ids:
-        rir_ids = {plan.example(e).rir_id for e in plan.shards[shard_id].example_ids}
+        rir_ids = set(plan.example_rir_ids(plan.shard_rows(shard_id)))
         for rir_id in rir_ids - banked.keys():
             banked[rir_id] = bank.has_rir(rir_id)
         if all(banked[rir_id] for rir_id in rir_ids):
@@ -275,13 +195,15 @@ def shards_ready(store_url: str, shard_ids: Sequence[int], rir_cache: str) -> li
     return ready
 
 
-def simulate_room_step(store_url: str, room_id: str, rir_cache: str) -> tuple[int, int]:
+def simulate_room_step(
+    store_url: str, room_id: str, rir_cache: str, plan_id: str | None = None
+) -> tuple[int, int]:
     """Calibrate a room (once) and simulate its missing RIRs: (simulated, reused).
 
     One task per room rather than per RIR: a room's placements share its calibration, and
     fewer, larger tasks keep the orchestration overhead small.
     """
-    plan = load_plan(store_url)
+    plan = load_plan(store_url, plan_id)
     bank = RirBank(rir_cache)
     simulated = 0
     rir_ids = rirs_by_room(plan)[room_id]
@@ -320,8 +242,8 @@ def _reusable_frames(
     if shard_checksum(rev, clean) != marker.checksum:
         return {}
     reusable = {}
-    for example_id in plan.shards[shard_id].example_ids:
-        example, row = plan.example(example_id), old_rows.get(example_id)
+    for example in plan.shard_examples(shard_id):
+        example_id, row = example.example_id, old_rows.get(example.example_id)
         if (
             row is not None
             and row.fingerprint == example.fingerprint
@@ -333,10 +255,12 @@ def _reusable_frames(
     return reusable
 
 
-def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardResult:
+def render_shard_step(
+    store_url: str, shard_id: int, rir_cache: str, plan_id: str | None = None
+) -> ShardResult:
     """Render every example of a shard, write the shard whole, then mark it done."""
-    plan = load_plan(store_url)
-    shard = plan.shards[shard_id]
+    plan = load_plan(store_url, plan_id)
+    shard = plan.shard(shard_id)
     store = DatasetStore(store_url)
     n = len(shard.example_ids)
     if store.shard_is_done(shard_id, shard.fingerprint):
@@ -350,8 +274,8 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
     timing: Counter[str] = Counter()
     rows: list[ExampleLabels] = []
     noise_cache: dict[str, np.ndarray] = {}  # a shard's examples share a few noise files
-    for example_id in shard.example_ids:
-        example = plan.example(example_id)
+    for example in plan.shard_examples(shard_id):
+        example_id = example.example_id
         start = example.frame_offset - shard.frame_start
         stop = start + example.frame_count
         if example_id in reusable:
@@ -423,9 +347,9 @@ def render_shard_step(store_url: str, shard_id: int, rir_cache: str) -> ShardRes
     return ShardResult(shard_id, True, n, n - reused, reused, dict(timing))
 
 
-def finalize_step(store_url: str) -> dict:
+def finalize_step(store_url: str, plan_id: str | None = None) -> dict:
     """Write the index, the shard checksums and the build report; mark the store complete."""
-    plan = load_plan(store_url)
+    plan = load_plan(store_url, plan_id)
     store = DatasetStore(store_url)
     missing = [
         s.shard_id for s in plan.shards if not store.shard_is_done(s.shard_id, s.fingerprint)
@@ -447,7 +371,7 @@ def finalize_step(store_url: str) -> dict:
         "manifest": plan.manifest.model_dump(mode="json"),
         "manifest_sha256": plan.manifest.digest(),
         "versions": package_versions(),
-        "n_examples": len(plan.examples),
+        "n_examples": plan.n_examples,
         "summary": report["summary"],
     }
     store.write_index(arrays, checksums, attrs)
@@ -462,11 +386,18 @@ def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) 
     # Measured rooms have the RT60 they have: only simulated examples are held to rt60_s.
     simulated = ~np.char.startswith(index["room_id"].astype(str), ROOM_PREFIX)
     # Augmented RIRs were moved off the requested RT60 on purpose.
-    simulated &= np.array([not isinstance(plan.rirs[r], AugmentedRirSpec) for r in index["rir_id"]])
+    simulated &= ~plan.augmented_rows()
     if manifest.rooms.rt60_s is not None and simulated.any():
         low, high = manifest.rooms.rt60_s
         within = (rt60[simulated] >= low) & (rt60[simulated] <= high)
         in_range = round(float(np.mean(within)), 4)
+    clipped = [
+        source
+        for source, flags in zip(
+            plan.utterance_table["source"], plan.utterance_table["flags"], strict=True
+        )
+        if "clipped" in flags
+    ]
     summary = {
         **plan.summary(),
         "rt60_t30_s": distribution(rt60),
@@ -475,13 +406,13 @@ def build_report(plan: Plan, index: dict[str, np.ndarray], store: DatasetStore) 
         "c50_db": distribution(index["c50_db"]),
         "distance_m": distribution(index["distance_m"]),
         "gain_limited": int(index["gain_limited"].sum()),
-        "clipped_sources": sum("clipped" in u.flags for u in plan.utterances.values()),
+        "clipped_sources": len(clipped),
         "size_on_disk_bytes": store.size_bytes(),
     }
     return {
         "summary": summary,
         "quarantined": [{"file": q.source, "reason": q.reason} for q in plan.quarantined],
-        "clipped": [u.source for u in plan.utterances.values() if "clipped" in u.flags],
+        "clipped": clipped,
         "warnings": label_warnings(manifest, in_range),
     }
 
@@ -510,9 +441,15 @@ def build_serial(
     rir_cache = rir_cache or default_rir_cache(store_url)
     with build_lock(store_url):
         plan = prepare_build(manifest, store_url, replace)
-        rooms = [simulate_room_step(store_url, room, rir_cache) for room in rirs_by_room(plan)]
-        shards = [render_shard_step(store_url, s.shard_id, rir_cache) for s in plan.shards]
-        report = finalize_step(store_url)
+        plan_id = plan.plan_id
+        rooms = [
+            simulate_room_step(store_url, room, rir_cache, plan_id) for room in rirs_by_room(plan)
+        ]
+        shards = [
+            render_shard_step(store_url, shard_id, rir_cache, plan_id)
+            for shard_id in range(plan.n_shards)
+        ]
+        report = finalize_step(store_url, plan_id)
     report["counts"] = {
         "rirs_simulated": sum(new for new, _ in rooms),
         "rirs_reused": sum(old for _, old in rooms),

@@ -15,7 +15,13 @@ from pathlib import Path
 from .corpus import AudioError
 from .fsio import read_bytes, url_to_fs
 from .manifest import LHOTSE_MISSING, FolderCorpus, LhotseCorpus, Manifest, lhotse_installed
-from .store_format import BUILD_DIR, StoreError
+from .store_format import (
+    LEGACY_PLAN_INPUTS,
+    PLAN_FILE,
+    StoreError,
+    StoreReadError,
+    read_plan_header,
+)
 
 
 def check_corpus(manifest: Manifest) -> None:
@@ -104,15 +110,28 @@ def dataset_identity(manifest: dict) -> dict:
 
 
 def stored_manifest(store_url: str) -> dict | None:
-    """The manifest the store was last planned from, or None for a new (or empty) store."""
+    """The manifest the store was last planned from, or None for a new (or empty) store.
+
+    Read from the stored plan's header (only that part of the file), or from the inputs file
+    of a store built before plans were stored."""
     fs, root = url_to_fs(store_url.rstrip("/"))  # no listings cache: see fsio
     try:
-        return json.loads(read_bytes(fs, f"{root}/{BUILD_DIR}/plan.json"))["manifest"]
+        with fs.open(f"{root}/{PLAN_FILE}", "rb") as handle:
+            return read_plan_header(handle, f"{store_url}/{PLAN_FILE}")["manifest"]
+    except FileNotFoundError:
+        pass
+    except StoreReadError as exc:
+        raise StoreError(
+            f"{store_url}: its stored plan cannot be read, so it cannot be checked against this "
+            f"manifest; --replace rebuilds it as this manifest's dataset ({exc})"
+        ) from None
+    try:
+        return json.loads(read_bytes(fs, f"{root}/{LEGACY_PLAN_INPUTS}"))["manifest"]
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreError(
-            f"{store_url}: its build plan ({BUILD_DIR}/plan.json) is unreadable ({exc}); "
+            f"{store_url}: its build plan ({LEGACY_PLAN_INPUTS}) is unreadable ({exc}); "
             "it cannot be checked against this manifest"
         ) from None
 

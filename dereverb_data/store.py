@@ -25,6 +25,9 @@ from .store_format import (
     CHECKSUMS,
     DAMAGED_HINT,
     INDEX_GROUP,
+    LEGACY_PLAN_INPUTS,
+    MARKER_DIR,
+    PLAN_FILE,
     SIGNALS,
     ExampleLabels,
     StoreError,
@@ -56,6 +59,42 @@ class ShardMarker:
     shard_id: int
     fingerprint: str
     checksum: str
+
+
+class ShardProgress:
+    """How many shards of a plan are done, read from one place: each call lists the markers'
+    folder once, and reads only the markers that are new or changed since the last call (the
+    progress watcher asks twice a second; reading every marker each time cost one request per
+    shard per poll)."""
+
+    def __init__(self, store: DatasetStore, fingerprints: list[str]) -> None:
+        self._store = store
+        self._fingerprints = fingerprints
+        self._seen: dict[str, tuple] = {}  # marker path -> its listing entry
+        self._done: dict[str, bool] = {}
+
+    def done(self) -> int:
+        store = self._store
+        try:
+            listing = store.fs.ls(f"{store.root}/{MARKER_DIR}", detail=True)
+        except FileNotFoundError:
+            listing = []
+        current = {}
+        for entry in listing:
+            name = entry["name"].rsplit("/", 1)[-1]
+            stem = name.removesuffix(".json")
+            if stem == name or not stem.isdigit() or int(stem) >= len(self._fingerprints):
+                continue  # a temporary file, or a marker of another plan's extra shard
+            stamp = tuple(sorted((k, str(v)) for k, v in entry.items()))
+            current[entry["name"]] = stamp
+            if self._seen.get(entry["name"]) != stamp:
+                marker = store.marker(int(stem))
+                fingerprint = self._fingerprints[int(stem)]
+                self._done[entry["name"]] = marker is not None and marker.fingerprint == fingerprint
+        for gone in self._seen.keys() - current.keys():
+            self._done.pop(gone, None)
+        self._seen = current
+        return sum(self._done.values())
 
 
 class DatasetStore:
@@ -129,11 +168,18 @@ class DatasetStore:
                 **layout,
                 "n_freq": n_freq,
                 "n_frames": plan.n_frames,
-                "n_shards": len(plan.shards),
+                "n_shards": plan.n_shards,
                 "complete": False,
             }
         )
-        self._write_text(f"{BUILD_DIR}/plan.json", plan.to_json())
+        self.write_plan(plan)
+
+    def write_plan(self, plan: Plan) -> None:
+        """Store the plan (:data:`~dereverb_data.store_format.PLAN_FILE`), which every task and
+        the progress watcher load instead of planning again; the inputs-only ``plan.json`` of
+        stores built before is removed (the stored plan holds the manifest and the scan)."""
+        write_atomic(self.fs, f"{self.root}/{PLAN_FILE}", plan.to_stored())
+        remove_file(self.fs, f"{self.root}/{LEGACY_PLAN_INPUTS}")
 
     def exists(self) -> bool:
         return self.fs.exists(f"{self.root}/zarr.json")
@@ -144,10 +190,14 @@ class DatasetStore:
 
     def read_text(self, relative: str) -> str:
         """The file's text; ``FileNotFoundError`` when it is absent."""
-        return read_bytes(self.fs, f"{self.root}/{relative}").decode()
+        return self.read_bytes(relative).decode()
+
+    def read_bytes(self, relative: str) -> bytes:
+        """The file's bytes; ``FileNotFoundError`` when it is absent."""
+        return read_bytes(self.fs, f"{self.root}/{relative}")
 
     def _marker_path(self, shard_id: int) -> str:
-        return f"{BUILD_DIR}/shards/{shard_id:06d}.json"
+        return f"{MARKER_DIR}/{shard_id:06d}.json"
 
     def marker(self, shard_id: int) -> ShardMarker | None:
         # One read, no exists() first: a request less per shard on object stores, and no

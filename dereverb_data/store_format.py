@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import itertools
+import json
 import math
 import os
 import typing
@@ -52,6 +54,7 @@ SIGNALS = ("reverberant", "clean")
 INDEX_GROUP = "index"
 CHECKSUMS = "shard_checksums"
 BUILD_DIR = "_build"  # build state (plan, markers, labels, report, RIR bank), not data
+MARKER_DIR = f"{BUILD_DIR}/shards"  # a done-marker per shard: <shard id, 6 digits>.json
 STORAGE_DTYPES = ("complex64", "float16")
 DAMAGED_HINT = "the store's metadata is damaged: build into a new store path"
 # Finalizing writes the index and the checksums again from the done-markers and labels, so a
@@ -213,6 +216,154 @@ def index_columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
                 value = np.nan
             values[column.name].append(value)
     return {c.name: np.asarray(values[c.name], dtype=c.dtype) for c in INDEX_COLUMNS}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stored plan (build state): one npz file of columns, written once per build
+# ---------------------------------------------------------------------------------------------
+
+PLAN_FILE = f"{BUILD_DIR}/plan.npz"
+PLAN_FORMAT = "dereverb-plan"
+# A plan file of another version is refused by name; stores whose build is unfinished just
+# plan again (a resume writes the file anew), finished stores never need it.
+PLAN_FORMAT_VERSION = 1
+# Stores built before plans were stored kept only the plan's inputs here.
+LEGACY_PLAN_INPUTS = f"{BUILD_DIR}/plan.json"
+PLAN_HEADER = "header"  # JSON: format, format_version, plan_id, checksum, manifest
+PLAN_META = "meta"  # JSON: the plan's small tables (rooms, RIR specs, utterance strings, ...)
+# The columns, by table. ``example_*``: one row per example in store order (``utterance``,
+# ``room``, ``rir`` index the utterance, room-id and RIR tables; ``split`` indexes
+# manifest.SPLIT_NAMES; NaN ``rms_dbfs`` is none). ``shard_*``: one row per shard (``start``:
+# its first example's row). ``rir_*``: one row per RIR id (``base``: the row of the simulated
+# or measured spec in the meta's ``base_rirs``; augmented ones add their draw).
+# ``utterance_*``: one row per utterance, sorted by id.
+PLAN_COLUMNS: dict[str, str] = {
+    "example_utterance": "int32",
+    "example_variant": "int32",
+    "example_split": "int8",
+    "example_room": "int32",
+    "example_rir": "int32",
+    "example_rms_dbfs": "float64",
+    "example_num_samples": "int64",
+    "example_frame_count": "int64",
+    "example_shard": "int64",
+    "example_frame_offset": "int64",
+    "example_fingerprint": "|S24",
+    "shard_start": "int64",
+    "shard_fingerprint": "|S24",
+    "rir_id": "|S20",
+    "rir_base": "int32",
+    "rir_augmented": "bool",
+    "rir_drr_change_db": "float64",
+    "rir_rt60_factor": "float64",
+    "rir_bands": "bool",
+    "utterance_num_samples": "int64",
+    "utterance_source_rate": "int64",
+    "utterance_channels": "int64",
+}
+# Only in plans of manifests with ``noise`` (``source`` -1: no noise for that example).
+PLAN_NOISE_COLUMNS: dict[str, str] = {
+    "example_noise_source": "int32",
+    "example_noise_snr_db": "float64",
+    "example_noise_seed": "int64",
+    "example_noise_offset": "int64",
+}
+
+
+def plan_checksum(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 of a plan's meta (canonical JSON) and every column's name, dtype and bytes."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    dtypes = {**PLAN_COLUMNS, **PLAN_NOISE_COLUMNS}
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name], dtype=dtypes.get(name))
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def write_plan_file(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The bytes of :data:`PLAN_FILE`: an uncompressed npz (plain ``numpy.load`` reads it)."""
+    expected = dict(PLAN_COLUMNS)
+    if any(name in arrays for name in PLAN_NOISE_COLUMNS):
+        expected.update(PLAN_NOISE_COLUMNS)
+    if set(arrays) != set(expected):
+        raise ValueError(f"plan columns {sorted(set(arrays) ^ set(expected))} are not the format's")
+    checksum = plan_checksum(meta, arrays)
+    header = {
+        "format": PLAN_FORMAT,
+        "format_version": PLAN_FORMAT_VERSION,
+        "plan_id": checksum[:24],
+        "checksum": checksum,
+        "manifest": meta["manifest"],
+    }
+    out = io.BytesIO()
+    np.savez(
+        out,
+        **{PLAN_HEADER: _json_bytes(header), PLAN_META: _json_bytes(meta)},
+        **{name: np.asarray(arrays[name], dtype=expected[name]) for name in arrays},
+    )
+    return out.getvalue()
+
+
+def _json_bytes(obj: Any) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+
+
+def _plan_error(where: str, why: str) -> StoreReadError:
+    return StoreReadError(
+        f"{where}: the stored plan is unusable ({why}); run the build again, which plans anew"
+    )
+
+
+def read_plan_header(data: bytes | Any, where: str) -> dict[str, Any]:
+    """The stored plan's header (format, version, plan id, manifest), checked; ``data`` is
+    the file's bytes or a seekable file (only the header is read from it)."""
+    try:
+        with np.load(io.BytesIO(data) if isinstance(data, bytes) else data) as npz:
+            header = json.loads(npz[PLAN_HEADER].tobytes())
+    except Exception as exc:  # zipfile, numpy and json each raise their own
+        raise _plan_error(where, describe_exception(exc)) from None
+    if not isinstance(header, dict) or header.get("format") != PLAN_FORMAT:
+        raise _plan_error(where, f"not a {PLAN_FORMAT!r} file")
+    if header.get("format_version") != PLAN_FORMAT_VERSION:
+        raise StoreReadError(
+            f"{where}: a stored plan of format version {header.get('format_version')!r}; this "
+            f"code reads version {PLAN_FORMAT_VERSION}: run the build again with this version "
+            "(it plans anew and keeps every shard whose examples are unchanged)"
+        )
+    return header
+
+
+def read_plan_file(
+    data: bytes, where: str, plan_id: str | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, columns) of a stored plan, checked against its checksum (and ``plan_id``, the
+    plan the caller expects); a damaged, foreign or other plan raises one line."""
+    header = read_plan_header(data, where)
+    if plan_id is not None and header.get("plan_id") != plan_id:
+        raise StoreReadError(
+            f"{where}: the stored plan is {header.get('plan_id')!r}, not {plan_id!r} that this "
+            "build made: another build planned this store since; run the build again"
+        )
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            meta = json.loads(npz[PLAN_META].tobytes())
+            arrays = {n: npz[n] for n in npz.files if n not in (PLAN_HEADER, PLAN_META)}
+    except Exception as exc:
+        raise _plan_error(where, describe_exception(exc)) from None
+    expected = dict(PLAN_COLUMNS)
+    if any(name in arrays for name in PLAN_NOISE_COLUMNS):
+        expected.update(PLAN_NOISE_COLUMNS)
+    wrong = sorted(
+        n
+        for n in set(expected) | set(arrays)
+        if n not in arrays or n not in expected or arrays[n].dtype != np.dtype(expected[n])
+    )
+    if wrong:
+        raise _plan_error(where, f"columns {', '.join(wrong[:5])} missing or of another type")
+    if plan_checksum(meta, arrays) != header.get("checksum"):
+        raise _plan_error(where, "its checksum does not match its content")
+    return meta, arrays
 
 
 # ---------------------------------------------------------------------------------------------

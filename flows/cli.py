@@ -129,40 +129,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"quarantined: {q.reason}")
     if args.show:
         print(f"\n{'example':<32} {'split':<6} {'room':<14} {'rir':<20} {'level dBFS':>10}")
-        for e in plan.examples[: args.show]:
+        for e in plan.examples_between(0, min(args.show, plan.n_examples)):
             level = f"{e.rms_dbfs:.1f}" if e.rms_dbfs is not None else "-"
             print(f"{e.example_id:<32} {e.split:<6} {e.room_id:<14} {e.rir_id:<20} {level:>10}")
     return 0
 
 
 def _watch(store_url: str, rir_cache: str, job: threading.Thread) -> None:
-    """Progress bars from what the build leaves in the store, so they work for any executor."""
+    """Progress bars from what the build leaves in the store, so they work for any executor.
+
+    The plan is loaded from the store once the build has stored it (never planned here), and
+    progress is read from one listing each of the RIR bank and the shard markers per poll.
+    """
     from tqdm import tqdm
 
     from dereverb_data.build import load_plan
     from dereverb_data.rir_bank import RirBank
-    from dereverb_data.store import DatasetStore
-    from dereverb_data.store_format import BUILD_DIR
+    from dereverb_data.store import DatasetStore, ShardProgress
+    from dereverb_data.store_format import PLAN_FILE
 
     store = DatasetStore(store_url)
     bars: dict[str, tqdm] = {}
     plan = None
+    progress = None
+    rir_ids: set[str] = set()
+    stamp = None
     while job.is_alive() or plan is not None:
-        if (
-            plan is None
-            and store.fs.exists(f"{store.root}/{BUILD_DIR}/plan.json")
-            and store.exists()
-        ):
+        # One stat a poll: a resume replaces the plan stored before it with its own.
+        now = _plan_stamp(store, PLAN_FILE)
+        if now is not None and now != stamp:
             try:
-                plan = load_plan(store_url)
+                plan, stamp = load_plan(store_url), now
             except (OSError, ValueError):
-                plan = None
-            if plan is not None:
-                bars["rirs"] = tqdm(total=len(plan.rirs), desc="RIRs simulated", unit="rir")
-                bars["shards"] = tqdm(total=len(plan.shards), desc="shards rendered", unit="shard")
-        if plan is not None:
-            rirs = len(RirBank(rir_cache).rir_ids() & set(plan.rirs))
-            shards = sum(store.shard_is_done(s.shard_id, s.fingerprint) for s in plan.shards)
+                pass  # being written, or an old store's: next poll
+            else:
+                rir_ids = set(plan.rir_ids())
+                fingerprints = plan.columns["shard_fingerprint"].astype("U").tolist()
+                progress = ShardProgress(store, fingerprints)
+                for bar in bars.values():
+                    bar.close()
+                bars["rirs"] = tqdm(total=len(rir_ids), desc="RIRs simulated", unit="rir")
+                bars["shards"] = tqdm(total=plan.n_shards, desc="shards rendered", unit="shard")
+        if plan is not None and progress is not None:
+            rirs = len(RirBank(rir_cache).rir_ids() & rir_ids)
+            shards = progress.done()
             for name, value in (("rirs", rirs), ("shards", shards)):
                 bars[name].update(value - bars[name].n)
             if not job.is_alive():
@@ -170,6 +180,15 @@ def _watch(store_url: str, rir_cache: str, job: threading.Thread) -> None:
         time.sleep(0.5)
     for bar in bars.values():
         bar.close()
+
+
+def _plan_stamp(store, relative: str) -> tuple | None:
+    """What identifies the stored plan's file now (None while there is none)."""
+    try:
+        info = store.fs.info(f"{store.root}/{relative}")
+    except (FileNotFoundError, OSError):
+        return None
+    return tuple(sorted((k, str(v)) for k, v in info.items()))
 
 
 def _run_watched(work: Callable[[], dict], store_url: str, rir_cache: str, progress: bool) -> dict:

@@ -124,6 +124,15 @@ def start_worker_forkserver() -> None:
 class LocalDaskTaskRunner(DaskTaskRunner):
     """``DaskTaskRunner`` on a ``LocalCluster`` whose workers fork from a warm server."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cluster_asked_for = False
+
+    @property
+    def cluster_asked_for(self) -> bool:
+        """Whether the cluster exists or is being created (``client`` was asked for)."""
+        return self._cluster_asked_for
+
     def __enter__(self):
         # Prefect also enters the flow's task runner around each task run on a worker, where
         # no cluster is created: a fork server there would only compete with the task for CPU.
@@ -135,8 +144,9 @@ class LocalDaskTaskRunner(DaskTaskRunner):
     def client(self):
         """prefect-dask creates the cluster on first access: with ``LOCAL_CLUSTER_CONFIG``
         (the nannies hand the configuration they were created with to their workers)."""
-        if self._client is not None or self._cluster is not None:
+        if self._cluster_asked_for:
             return super().client
+        self._cluster_asked_for = True
         import dask
 
         with dask.config.set(LOCAL_CLUSTER_CONFIG):
@@ -176,7 +186,7 @@ class ClusterStart:
 def start_cluster_in_background(runner: object) -> ClusterStart | None:
     """Begin creating the flow's local cluster unless it exists or is not ours to create
     (an in-process runner, or an existing cluster given by address)."""
-    if isinstance(runner, LocalDaskTaskRunner) and runner._client is None:
+    if isinstance(runner, LocalDaskTaskRunner) and not runner.cluster_asked_for:
         return ClusterStart(runner)
     return None
 

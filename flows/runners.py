@@ -28,6 +28,15 @@ def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+class InProcessTaskRunner(ThreadPoolTaskRunner):
+    """Prefect's thread pool, saying how many tasks it runs at once (``slots``), which the
+    build's scheduling reads (Prefect keeps it in a private attribute)."""
+
+    def __init__(self, max_workers: int | None = None) -> None:
+        super().__init__(max_workers=max_workers)
+        self.slots = max_workers or default_workers()
+
+
 def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -42,7 +51,7 @@ def task_runner(workers: int | None = None, dask_address: str | None = None):
         return DaskTaskRunner(address=dask_address)
     workers = workers or default_workers()
     if workers == 1:
-        return ThreadPoolTaskRunner(max_workers=1)
+        return InProcessTaskRunner(max_workers=1)
     from .local_dask import LocalDaskTaskRunner, local_cluster_kwargs
 
     return LocalDaskTaskRunner(

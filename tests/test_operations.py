@@ -15,22 +15,27 @@ import yaml
 import zarr
 
 from dereverb_data.build import (
-    balanced_batches,
     build_serial,
     default_rir_cache,
     load_plan,
     prepare_build,
-    shard_costs,
-    shard_rooms,
-    shards_by_room,
     shards_ready,
     simulate_room_step,
-    tapered_batches,
 )
 from dereverb_data.lock import StoreLocked, build_lock
 from dereverb_data.manifest import Absorption, parse_manifest
 from dereverb_data.verify import verify_store
-from flows.build import MIN_TASK_SECONDS, TASKS_PER_SLOT, batch_count
+from flows.scheduling import (
+    MIN_TASK_SECONDS,
+    TASKS_PER_SLOT,
+    balanced_batches,
+    batch_count,
+    merged,
+    shard_costs,
+    shard_rooms,
+    shards_by_room,
+    tapered_batches,
+)
 
 from .conftest import REPO, run_cli
 
@@ -313,13 +318,11 @@ def test_flow_renders_every_shard_once_whoever_finds_its_rooms_done(
 
 
 def test_merged_shard_results_prefer_the_task_that_rendered() -> None:
-    from flows.build import _merged
-
     results = [
         {"shard_id": 3, "rendered": False, "examples_rendered": 0, "examples_reused": 2},
         {"shard_id": 3, "rendered": True, "examples_rendered": 2, "examples_reused": 0},
         {"shard_id": 4, "rendered": True, "examples_rendered": 1, "examples_reused": 0},
         {"shard_id": 4, "rendered": False, "examples_rendered": 0, "examples_reused": 1},
     ]
-    merged = sorted(_merged(results), key=lambda r: r["shard_id"])
-    assert [(r["shard_id"], r["rendered"]) for r in merged] == [(3, True), (4, True)]
+    kept = sorted(merged(results), key=lambda r: r["shard_id"])
+    assert [(r["shard_id"], r["rendered"]) for r in kept] == [(3, True), (4, True)]
