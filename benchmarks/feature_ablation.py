@@ -156,11 +156,11 @@ def run_arm(features: str, data: str, work: Path, steps: int) -> None:
 def score_quiet(checkpoint: str, out: Path, realism) -> None:
     """``realism.score_checkpoint``'s real-room check with every recording ``QUIET_GAIN`` as
     loud (reverberant and reference alike)."""
-    import csv
     import dataclasses
 
     from training.enhance import model_spec_fn, reconstruct_fn
-    from training.evaluate import load_checkpoint, real_room_examples, score
+    from training.evaluate import real_room_examples, score
+    from training.inference import load_checkpoint
 
     model, config, sample_rate = load_checkpoint(checkpoint)
     model_fn = reconstruct_fn(model_spec_fn(model, torch.device("cpu")), "model", config)
@@ -172,13 +172,7 @@ def score_quiet(checkpoint: str, out: Path, realism) -> None:
         for ex in real_room_examples(shared / "speech", shared / "rir", sample_rate, 4)
     )
     rows, _ = score(examples, model_fn, config, sample_rate, METRICS, systems=("input", "model"))
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "per_example.csv.partial"
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["example_id", "rt60", "system", *METRICS, "missing"])
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(out / "per_example.csv")  # the done-marker: only when complete
+    realism.write_per_example(rows, out)
 
 
 def input_statistics(data: str, split: str = "test") -> dict[str, float]:

@@ -170,13 +170,19 @@ def score_checkpoint(checkpoint: str, out: Path, data: str | None) -> None:
         else real_room_examples(SHARED / "speech", SHARED / "rir", sample_rate, 4)
     )
     rows, _ = score(examples, model_fn, config, sample_rate, METRICS, systems=("input", "model"))
+    write_per_example(rows, out)
+
+
+def write_per_example(rows: list[dict], out: Path) -> None:
+    """``out/per_example.csv``, written under another name and renamed: the step's done-marker
+    exists only when the scores are complete."""
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "per_example.csv.partial"
     with partial.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, ["example_id", "rt60", "system", *METRICS, "missing"])
         writer.writeheader()
         writer.writerows(rows)
-    partial.replace(out / "per_example.csv")  # the step's done-marker: only when complete
+    partial.replace(out / "per_example.csv")
 
 
 def means(per_example: Path) -> dict[str, dict[str, float]]:
