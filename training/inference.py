@@ -1,19 +1,20 @@
 """A trained model ready for ``enhance`` and ``evaluate``: loaded, and rewritten to run faster.
 
 :func:`load_checkpoint` reads a training checkpoint, an exported model or the packaged default
-model, and applies two things that change nothing but speed:
+model, and applies two exact rewrites meant for speed:
 
 - **Denormal floats flushed to zero** (``torch.set_flush_denormal``, process-wide): some of a
   trained network's intermediate values fall into the denormal range (below 1.2e-38), where x86
-  CPUs are many times slower per operation, and change no output sample. Measured on the shipped
-  U-Net, one thread, 10 s of audio: 0.18 s against 0.26-0.35 s.
+  CPUs are many times slower per operation, and change no output sample.
 - **Batch norm folded into the convolution before it** (:func:`for_inference`). In eval mode a
   batch norm is a fixed per-channel affine map, so ``torch.nn.utils.fusion.fuse_conv_bn_eval``
   moves it into the convolution's weights and bias: the same output up to float32 rounding
   (tests/test_inference.py checks it against the unmodified model), one pass over every
   activation less.
 
-Numbers for both: ``benchmarks/inference_speed.py`` (RESULTS.md, "Inference speed").
+Measured (``benchmarks/inference_speed.py``, RESULTS.md "Inference speed", session 8): 1.6x
+under load in a first run, within the VM's run-to-run noise on a quiet machine; kept because
+they are exact, cheap and tested.
 
 Tried and not kept: stride-2 transposed convolutions rewritten as sub-pixel convolutions (one
 ``conv2d`` with 4x the output channels + ``pixel_shuffle``, Shi et al. 2016): exact, but 1.2-1.5x
