@@ -204,12 +204,33 @@ def _run_watched(work: Callable[[], dict], store_url: str, rir_cache: str, progr
     context = contextvars.copy_context()
     job = threading.Thread(target=context.run, args=(target,), daemon=True)
     job.start()
-    if progress:
-        _watch(store_url, rir_cache, job)
-    job.join()
+    try:
+        if progress:
+            _watch(store_url, rir_cache, job)
+        job.join()
+    except KeyboardInterrupt:
+        _stop_build(job)
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["report"]
+
+
+def _stop_build(job: threading.Thread, grace_s: float = 20.0) -> None:
+    """Ctrl-C during a build: stop the workers in order and let the flow's thread end.
+
+    A shard counts as built only once its done-marker is written after its data, so what is
+    finished stays and the same command resumes. The user asked to stop: the tasks' failures that
+    follow are not news, so logging ends here (before, the flow's thread went on logging
+    while the interpreter shut down, printing pages of logging errors and worker tracebacks).
+    """
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    from .local_dask import close_local_clusters
+
+    close_local_clusters()
+    job.join(grace_s)
 
 
 def _preflight_build(args: argparse.Namespace) -> None:
@@ -236,6 +257,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     rir_cache = args.rir_cache or default_rir_cache(args.store)
     corpus = str(Path(args.corpus).resolve()) if args.corpus else None
+    from .runners import default_workers
+
+    if not args.dask_address and (args.workers or default_workers()) > 1:
+        from .local_dask import start_worker_forkserver
+
+        # Here, in the main thread, so that the workers ignore Ctrl-C (the flow's thread
+        # cannot set that up); its imports overlap the Prefect server's start.
+        start_worker_forkserver()
     then_train = None
     if args.then_train:
         from training.config import load_train_config

@@ -17,6 +17,7 @@ import multiprocessing.forkserver
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,7 @@ WORKER_PRELOAD = (
     "prefect_dask",
     "dereverb_data.build",
     "flows.build",
+    "flows.worker_preload",
 )
 
 # Dask's housekeeping, made quieter for the clusters the build starts itself. By default every
@@ -64,6 +66,8 @@ def local_cluster_kwargs(workers: int) -> dict[str, Any]:
         "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
         "silence_logs": logging.ERROR,
         "env": {name: "1" for name in THREAD_VARIABLES},
+        # Each worker: no heartbeat traceback while it closes (see the module's docstring).
+        "preload": ["flows.worker_preload"],
     }
 
 
@@ -117,8 +121,12 @@ def start_worker_forkserver() -> None:
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     context = get_mp_context()  # Dask sets its preload list on first use; replace it with ours
     context.set_forkserver_preload(list(WORKER_PRELOAD))
-    with _one_thread_environment():
+    with _one_thread_environment(), _sigint_ignored_by_children():
         multiprocessing.forkserver.ensure_running()
+
+
+# The local clusters this process created, for close_local_clusters (Ctrl-C).
+_CREATED_CLIENTS: weakref.WeakSet = weakref.WeakSet()
 
 
 class LocalDaskTaskRunner(DaskTaskRunner):
@@ -150,7 +158,22 @@ class LocalDaskTaskRunner(DaskTaskRunner):
         import dask
 
         with dask.config.set(LOCAL_CLUSTER_CONFIG):
-            return super().client
+            client = super().client
+        _CREATED_CLIENTS.add(client)
+        return client
+
+
+def close_local_clusters() -> None:
+    """Close, in Dask's order (workers, then the scheduler), every local cluster this process
+    created and has not closed yet; what their tasks were running fails at once.
+
+    For Ctrl-C: the flow runs in another thread, which no signal reaches, and the workers
+    ignore SIGINT (see ``_sigint_ignored_by_children``), so this is how a stop reaches them.
+    """
+    for client in list(_CREATED_CLIENTS):
+        cluster = client.cluster
+        if cluster is not None and cluster.status.name not in ("closing", "closed"):
+            cluster.close()
 
 
 class ClusterStart:
@@ -221,8 +244,7 @@ def served_cluster(workers: int | None, dask_address: str | None) -> Iterator[st
     import dask
     from distributed import LocalCluster
 
-    with _sigint_ignored_by_children():
-        start_worker_forkserver()
+    start_worker_forkserver()
     with dask.config.set(LOCAL_CLUSTER_CONFIG):
         # One worker per core by default, as flows.runners.task_runner (not imported: the two
         # modules must not import each other).

@@ -3,8 +3,10 @@ long-lived process (``dereverb serve``) keeps one cluster for its build runs."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing.forkserver
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +35,8 @@ def _worker_state() -> dict:
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "own_forkserver": multiprocessing.forkserver._forkserver._forkserver_pid,
         "config": {key: dask.config.get(key) for key in LOCAL_CLUSTER_CONFIG},
+        "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+        "worker_log_filters": len(logging.getLogger("distributed.worker").filters),
     }
 
 
@@ -49,7 +53,40 @@ def test_served_cluster_workers_fork_from_the_preloaded_server() -> None:
         assert state["preloaded"] == list(WORKER_PRELOAD)
         assert state["threads"] == "1"
         assert state["config"] == LOCAL_CLUSTER_CONFIG  # quieter housekeeping, via the nanny
+        assert state["sigint"]  # Ctrl-C reaches only the process that owns the cluster
+        assert state["worker_log_filters"] == 0  # a running worker logs heartbeat failures
     assert dask.config.get("distributed.worker.profile.enabled")  # this process: unchanged
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, message, None, None)
+
+
+def test_a_closing_worker_drops_only_its_own_heartbeat_failure() -> None:
+    from distributed import LocalCluster
+
+    from flows import worker_preload
+    from flows.local_dask import local_cluster_kwargs
+
+    assert local_cluster_kwargs(2)["preload"] == ["flows.worker_preload"]
+    logger = logging.getLogger("distributed.worker")
+    before = list(logger.filters)
+    heartbeat = _record(worker_preload.HEARTBEAT_FAILED)
+    other = _record("Failed to communicate with scheduler during something else.")
+    try:
+        assert logger.filter(heartbeat)  # running: logged
+        worker_preload.dask_teardown(None)  # what Dask calls as a worker starts closing
+        assert not logger.filter(heartbeat)
+        assert logger.filter(other)
+    finally:
+        logger.filters[:] = before
+    # And Dask runs it: a worker of the build's cluster has the module as its preload.
+    with (
+        LocalCluster(**local_cluster_kwargs(1)) as cluster,
+        Client(cluster) as client,
+    ):
+        preloads = client.run(lambda dask_worker: [p.name for p in dask_worker.preloads])
+    assert list(preloads.values()) == [["flows.worker_preload"]]
 
 
 def test_served_cluster_is_only_started_when_needed() -> None:
