@@ -289,7 +289,6 @@ class RirLabels:
     drr_db: float
     c50_db: float
     direct_index: int
-    c80_db: float
 
     def to_dict(self) -> dict:
         """Plain-Python dict (float/int values), e.g. for JSON or a manifest row."""
@@ -298,10 +297,10 @@ class RirLabels:
 
 
 def measure_rir(rir: np.ndarray, fs: int) -> RirLabels:
-    """All labels of an RIR: T20, T30, DRR, C50, C80 and the direct-path index.
+    """All labels of an RIR: T20, T30, DRR, C50 and the direct-path index.
 
     The direct-path index is found once and shared by all measures. T20/T30 may be ``nan``
-    for a short RIR; DRR/C50/C80 may be ``+inf`` when there is no energy after the window.
+    for a short RIR; DRR/C50 may be ``+inf`` when there is no energy after the window.
     """
     h = _as_rir(rir)
     _check_fs(fs)
@@ -312,5 +311,4 @@ def measure_rir(rir: np.ndarray, fs: int) -> RirLabels:
         drr_db=drr_db(h, fs, direct_index=d),
         c50_db=clarity_db(h, fs, early_ms=50.0, direct_index=d),
         direct_index=d,
-        c80_db=clarity_db(h, fs, early_ms=80.0, direct_index=d),
     )

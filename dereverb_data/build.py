@@ -322,7 +322,6 @@ def render_shard_step(
                 distance_m=rir_labels["distance_m"],
                 simulation=rir_labels["simulation"],
                 snr_db=rendered.snr_db,
-                c80_db=rir_labels.get("c80_db"),
                 # Only with augmentation or noise: other stores' labels stay as they were.
                 augmented=None
                 if manifest.augmentation is None

@@ -125,7 +125,6 @@ class ExampleLabels:
     distance_m: float = _label()  # source-microphone distance; NaN for measured RIRs
     simulation: str = _label(index=False)  # how the RIR was made
     snr_db: float | None = _label(since="2026-12")  # of the added noise; None without noise
-    c80_db: float | None = _label(since="2026-12")  # None for RIRs banked before C80 existed
     augmented: bool | None = _label(index=False, optional=True)  # only with augmentation
     noise: str | None = _label(index=False, optional=True)  # colour or file, only with noise
     noise_gain: float | None = _label(index=False, optional=True)

@@ -12,7 +12,6 @@ import pytest
 import zarr
 from scipy.signal import fftconvolve
 
-from dereverb_data.acoustics import clarity_db, direct_path_index
 from dereverb_data.build import build_serial, default_rir_cache, load_plan
 from dereverb_data.corpus import load_utterance
 from dereverb_data.manifest import load_manifest, parse_manifest
@@ -75,7 +74,7 @@ def test_index_invariants(demo_store: str) -> None:
     assert np.all(start // shard_frames == index["shard"])
     hop = group.attrs["stft"]["hop"]
     assert np.all(count == 1 + index["num_samples"] // hop)
-    for name in ("rt60_t30", "rt60_t20", "drr_db", "c50_db", "c80_db", "distance_m", "gain"):
+    for name in ("rt60_t30", "rt60_t20", "drr_db", "c50_db", "distance_m", "gain"):
         assert np.all(np.isfinite(index[name])), name
     # Padding between examples is exactly zero in both signals.
     used = np.zeros(group["clean"].shape[0], bool)
@@ -83,19 +82,6 @@ def test_index_invariants(demo_store: str) -> None:
         used[s : s + c] = True
     clean = group["clean"][:]
     assert not np.any(clean[~used])
-
-
-def test_clarity_labels_are_those_of_the_banked_rirs(demo_store: str) -> None:
-    _, index = read_plain(demo_store)
-    bank = RirBank(default_rir_cache(demo_store))
-    for rir_id in sorted(set(index["rir_id"])):
-        rir, _ = bank.load_rir(rir_id)
-        rows = index["rir_id"] == rir_id
-        # Independently of the build: the clarity index of the stored RIR, 80 and 50 ms.
-        d = direct_path_index(rir)
-        assert np.allclose(index["c80_db"][rows], clarity_db(rir, 16000, 80.0, d)), rir_id
-        assert np.allclose(index["c50_db"][rows], clarity_db(rir, 16000, 50.0, d)), rir_id
-    assert np.all(index["c80_db"] > index["c50_db"])  # more of the energy counts as early
 
 
 def test_measured_rt60_in_requested_range(demo_store: str) -> None:

@@ -57,7 +57,7 @@ def test_index_columns_are_the_planned_ones_and_the_indexed_label_fields() -> No
     dtypes = {c.name: c.dtype for c in INDEX_COLUMNS}
     assert dtypes["gain_limited"] == "bool" and dtypes["direct_index"] == "int64"
     assert dtypes["snr_db"] == "float64" and dtypes["speaker"] == "str"
-    assert [c.name for c in INDEX_COLUMNS if c.optional] == ["snr_db", "c80_db"]
+    assert [c.name for c in INDEX_COLUMNS if c.optional] == ["snr_db"]
 
 
 def test_labels_round_trip_and_older_rows_lack_later_fields() -> None:
@@ -86,12 +86,10 @@ def test_index_columns_type_values_and_missing_floats_are_nan() -> None:
 def test_a_store_without_a_later_column_reads_it_as_nan(synthetic: Path, tmp_path: Path) -> None:
     old = tmp_path / "old.zarr"
     shutil.copytree(synthetic, old)
-    for later in ("snr_db", "c80_db"):
-        shutil.rmtree(old / "index" / later)
+    shutil.rmtree(old / "index" / "snr_db")
     store = open_store(old)
-    for later in ("snr_db", "c80_db"):
-        assert store.columns[later].shape == (store.n_examples,)
-        assert np.isnan(store.columns[later]).all()
+    assert store.columns["snr_db"].shape == (store.n_examples,)
+    assert np.isnan(store.columns["snr_db"]).all()
 
 
 def test_another_format_version_is_refused_in_one_line(synthetic: Path, tmp_path: Path) -> None:
