@@ -257,9 +257,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     rir_cache = args.rir_cache or default_rir_cache(args.store)
     corpus = str(Path(args.corpus).resolve()) if args.corpus else None
-    from .runners import default_workers
+    from .runners import starts_local_cluster
 
-    if not args.dask_address and (args.workers or default_workers()) > 1:
+    if starts_local_cluster(args.workers, args.dask_address):
         from .local_dask import start_worker_forkserver
 
         # Here, in the main thread, so that the workers ignore Ctrl-C (the flow's thread

@@ -41,6 +41,11 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def starts_local_cluster(workers: int | None, dask_address: str | None) -> bool:
+    """Whether ``task_runner(workers, dask_address)`` creates a local Dask cluster."""
+    return not dask_address and (workers or default_workers()) > 1
+
+
 def task_runner(workers: int | None = None, dask_address: str | None = None):
     """``workers=1``: in-process (for debugging); N > 1: a ``LocalCluster`` of N one-thread
     worker processes; ``dask_address``: an existing scheduler (``tcp://host:port``)."""
@@ -49,11 +54,11 @@ def task_runner(workers: int | None = None, dask_address: str | None = None):
 
         check_scheduler(dask_address)
         return DaskTaskRunner(address=dask_address)
-    workers = workers or default_workers()
-    if workers == 1:
+    if not starts_local_cluster(workers, None):
         return InProcessTaskRunner(max_workers=1)
     from .local_dask import LocalDaskTaskRunner, local_cluster_kwargs
 
     return LocalDaskTaskRunner(
-        cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(workers)
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs=local_cluster_kwargs(workers or default_workers()),
     )
