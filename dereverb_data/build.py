@@ -9,6 +9,7 @@ redoes only what is not recorded as done.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +30,7 @@ from .noise import noise_signal, scan_noise_files
 from .plan import Plan, make_plan
 from .preflight import check_same_dataset
 from .render import render_pair
-from .rir_bank import RirBank, get_or_simulate
+from .rir_bank import BankedRir, RirBank, get_or_simulate
 from .stft import stft
 from .store import DatasetStore, package_versions
 from .store_format import (
@@ -255,6 +257,21 @@ def _reusable_frames(
     return reusable
 
 
+_EXAMPLE_LABELS = frozenset(f.name for f in dataclasses.fields(ExampleLabels))
+
+
+def rir_labels(banked: BankedRir) -> dict[str, Any]:
+    """An example's labels from its RIR: every acoustic label (``RirLabels``) that
+    ``ExampleLabels`` also has, by name, so a new acoustic label needs no line here; and the
+    RIR's distance and how it was made."""
+    acoustic = banked.acoustics.to_dict()
+    return {
+        **{name: value for name, value in acoustic.items() if name in _EXAMPLE_LABELS},
+        "distance_m": banked.distance_m,
+        "simulation": banked.simulation,
+    }
+
+
 def render_shard_step(
     store_url: str, shard_id: int, rir_cache: str, plan_id: str | None = None
 ) -> ShardResult:
@@ -283,7 +300,7 @@ def render_shard_step(
             rows.append(row)
             continue
         t0 = time.perf_counter()
-        rir, rir_labels, _ = get_or_simulate(bank, plan.rirs[example.rir_id])
+        rir, banked, _ = get_or_simulate(bank, plan.rirs[example.rir_id])
         t1 = time.perf_counter()
         utterance = plan.utterances[example.utterance_id]
         downmix = getattr(manifest.corpus, "downmix", "mean")
@@ -308,24 +325,18 @@ def render_shard_step(
         timing.update({"rir": t1 - t0, "render": t2 - t1, "stft": t3 - t2})
         rows.append(
             ExampleLabels(
+                # The render's direct index, where it aligned the target: the banked one's rule
+                # on the same RIR, but a bank's labels may predate a change of rule.
+                **{**rir_labels(banked), "direct_index": rendered.direct_index},
                 example_id=example_id,
                 fingerprint=example.fingerprint,
                 frame_offset=example.frame_offset,
                 gain=rendered.gain,
                 clean_gain=rendered.clean_gain,
-                direct_index=rendered.direct_index,
                 gain_limited=rendered.gain_limited,
-                rt60_t20=rir_labels["rt60_t20"],
-                rt60_t30=rir_labels["rt60_t30"],
-                drr_db=rir_labels["drr_db"],
-                c50_db=rir_labels["c50_db"],
-                distance_m=rir_labels["distance_m"],
-                simulation=rir_labels["simulation"],
                 snr_db=rendered.snr_db,
                 # Only with augmentation or noise: other stores' labels stay as they were.
-                augmented=None
-                if manifest.augmentation is None
-                else bool(rir_labels.get("augmented", False)),
+                augmented=None if manifest.augmentation is None else banked.augmented,
                 noise=None
                 if noise is None
                 else (noise.colour if noise.kind == "colour" else noise.source),

@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,78 @@ def version_for(simulation: Simulation) -> str:
 
 class SimulationError(RuntimeError):
     """The simulator cannot produce an RIR for this spec."""
+
+
+RT60_METHOD = (
+    "Schroeder backward integration, line fit -5..-25 dB (T20) / -5..-35 dB (T30), "
+    "extrapolated to 60 dB"
+)
+_ACOUSTIC_FIELDS = tuple(f.name for f in fields(RirLabels))
+_PROVENANCE_FIELDS = ("distance_m", "target_rt60", "simulation", "simulator")
+
+
+@dataclass(frozen=True)
+class BankedRir:
+    """What the bank knows about an RIR besides its samples: one record from the bank to the
+    example's labels (``store_format.ExampleLabels``).
+
+    Stored as the entry's JSON ``labels``, flat, as the bank always stored it: the acoustic
+    labels by their names, the provenance fields, then the details. An acoustic label an entry
+    lacks (banked before the label existed) is measured from the stored RIR when it is read
+    (:meth:`from_json`), so adding a label to :class:`~dereverb_data.acoustics.RirLabels`
+    never needs a resimulation, and an RIR's labels do not depend on when it was banked.
+    """
+
+    acoustics: RirLabels  # measured on the stored (float32) RIR
+    distance_m: float | None  # source-microphone distance; None for a measured RIR
+    target_rt60: float | None  # the room's RT60 target; None without one (measured rooms)
+    simulation: str  # how it was made: "ism", "hybrid", "diffuse" or "measured"
+    simulator: str  # version of what made it
+    # Method-specific, as the maker recorded them: absorption scales and ISM order
+    # (simulated), file, channel and normalisation (measured), the draw and the outcome
+    # (augmented: ``augmented``, ``augment_refused``), ``rt60_method``.
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def augmented(self) -> bool:
+        """Made by augmentation (False for a refused augmentation and for any other RIR)."""
+        return bool(self.details.get("augmented", False))
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry's ``labels``: plain JSON values, one flat object."""
+        provenance = {name: getattr(self, name) for name in _PROVENANCE_FIELDS}
+        return {**self.acoustics.to_dict(), **provenance, **self.details}
+
+    @classmethod
+    def from_json(
+        cls,
+        labels: Mapping[str, Any],
+        rir: np.ndarray | None = None,
+        sample_rate: int | None = None,
+    ) -> BankedRir:
+        """The record of an entry's ``labels``. Acoustic labels it lacks are measured from
+        ``rir`` (the stored RIR) at ``sample_rate``; ValueError without them."""
+        acoustic = {name: labels[name] for name in _ACOUSTIC_FIELDS if name in labels}
+        missing = [name for name in _ACOUSTIC_FIELDS if name not in acoustic]
+        if missing:
+            if rir is None or sample_rate is None:
+                raise ValueError(
+                    f"banked labels lack {missing} (banked before they existed): measuring "
+                    "them needs the stored RIR and its sample rate"
+                )
+            measured = measure_rir(rir, sample_rate).to_dict()
+            acoustic.update({name: measured[name] for name in missing})
+        known = {*_ACOUSTIC_FIELDS, *_PROVENANCE_FIELDS}
+        return cls(
+            acoustics=RirLabels(**acoustic),
+            **{name: labels[name] for name in _PROVENANCE_FIELDS},
+            details={k: v for k, v in labels.items() if k not in known},
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        """A field of the entry's JSON ``labels`` by its stored name (e.g. ``"drr_db"``,
+        ``"ism_order"``), for code that reads entries as the bank stores them."""
+        return self.to_json()[key]
 
 
 @dataclass(frozen=True)
@@ -132,8 +206,8 @@ def base_spec(spec: AnyRirSpec) -> RirSpec | MeasuredRirSpec:
 
 
 def augment_rir(
-    base_rir: np.ndarray, base_labels: dict, spec: AugmentedRirSpec
-) -> tuple[np.ndarray, dict]:
+    base_rir: np.ndarray, base: BankedRir, spec: AugmentedRirSpec
+) -> tuple[np.ndarray, BankedRir]:
     """The augmented RIR and its labels, or, when :mod:`dereverb_data.augment` refuses the
     change (a ValueError), the base RIR unchanged with the refusal in its labels: a build
     never fails for an augmentation, and the fallback is the same in every run."""
@@ -149,20 +223,23 @@ def augment_rir(
     try:
         h = base_rir.astype(np.float64)
         if spec.rt60_factor != 1.0:
-            t_base = base_labels["rt60_t30"]
+            t_base = base.acoustics.rt60_t30
             if not np.isfinite(t_base):
-                t_base = base_labels["rt60_t20"]
+                t_base = base.acoustics.rt60_t20
             if not np.isfinite(t_base):
                 raise ValueError("the base RIR's decay (T30 and T20) is not measurable")
             h = change_decay(h, fs, t_base * spec.rt60_factor, bands=spec.bands)
         # The DRR target is relative to the base as labelled, so the drawn change is what moved.
-        h = change_drr(h, fs, base_labels["drr_db"] + spec.drr_change_db)
+        h = change_drr(h, fs, base.acoustics.drr_db + spec.drr_change_db)
         rir = h.astype(np.float32)
         # Measured on what is stored (float32), as every other label.
         measured = measure_rir(rir, fs)
     except ValueError as exc:
-        return base_rir, {**base_labels, **drawn, "augmented": False, "augment_refused": str(exc)}
-    return rir, {**base_labels, **measured.to_dict(), **drawn, "augmented": True}
+        refused = {**base.details, **drawn, "augmented": False, "augment_refused": str(exc)}
+        return base_rir, replace(base, details=refused)
+    return rir, replace(
+        base, acoustics=measured, details={**base.details, **drawn, "augmented": True}
+    )
 
 
 def _ism_order(room: RoomSpec, scale: float) -> int:
@@ -298,15 +375,24 @@ class RirBank:
     def has_rir(self, rir_id: str) -> bool:
         return self.fs.exists(self._path("rir", rir_id, ".npz"))
 
-    def load_rir(self, rir_id: str) -> tuple[np.ndarray, dict]:
-        """The banked RIR and its labels; ``FileNotFoundError`` when it is not banked."""
+    def load_rir(self, rir_id: str, sample_rate: int | None = None) -> tuple[np.ndarray, BankedRir]:
+        """The banked RIR (float32) and its record; ``FileNotFoundError`` when it is not
+        banked. Acoustic labels the entry lacks are measured from the RIR at ``sample_rate``
+        (:meth:`BankedRir.from_json`; a ValueError names them without it)."""
         payload = read_bytes(self.fs, self._path("rir", rir_id, ".npz"))
         archive = np.load(io.BytesIO(payload), allow_pickle=False)
-        return archive["rir"], json.loads(str(archive["labels"]))
+        rir = archive["rir"]
+        return rir, BankedRir.from_json(json.loads(str(archive["labels"])), rir, sample_rate)
 
-    def save_rir(self, rir_id: str, rir: np.ndarray, labels: dict) -> None:
+    def save_rir(self, rir_id: str, rir: np.ndarray, record: BankedRir) -> None:
+        """Bank an RIR as it was measured: float32, which every maker returns, so an RIR and
+        its labels are the same whether they were just made or read from the bank."""
+        if rir.dtype != np.float32:
+            raise TypeError(
+                f"RIR {rir_id}: bank float32 RIRs (measured as stored), not {rir.dtype}"
+            )
         buffer = io.BytesIO()
-        np.savez(buffer, rir=rir.astype(np.float32), labels=np.array(json.dumps(labels)))
+        np.savez(buffer, rir=rir, labels=np.array(json.dumps(record.to_json())))
         write_atomic(self.fs, self._path("rir", rir_id, ".npz"), buffer.getvalue())
 
     def load_calibration(self, room_key: str) -> Calibration | None:
@@ -377,8 +463,8 @@ def place_in_range(
     return scale, rir, labels
 
 
-def get_or_simulate(bank: RirBank, spec: AnyRirSpec) -> tuple[np.ndarray, dict, bool]:
-    """The RIR and its labels, simulating (and calibrating the room) only when missing.
+def get_or_simulate(bank: RirBank, spec: AnyRirSpec) -> tuple[np.ndarray, BankedRir, bool]:
+    """The RIR and its record, simulating (and calibrating the room) only when missing.
 
     A measured spec is ingested from its file instead (read, resampled, trimmed, normalised
     and measured: :mod:`dereverb_data.measured_rirs`) and banked like a simulated one. An
@@ -387,33 +473,32 @@ def get_or_simulate(bank: RirBank, spec: AnyRirSpec) -> tuple[np.ndarray, dict, 
     """
     rir_id = spec.rir_id
     try:  # one read rather than exists() and a read: a request less on object stores
-        rir, labels = bank.load_rir(rir_id)
-        return rir, labels, False
+        rir, record = bank.load_rir(rir_id, spec.sample_rate)
+        return rir, record, False
     except FileNotFoundError:
         pass
     if isinstance(spec, AugmentedRirSpec):
-        base_rir, base_labels, _ = get_or_simulate(bank, spec.base)
-        rir, labels = augment_rir(base_rir, base_labels, spec)
-        bank.save_rir(rir_id, rir, labels)
-        return rir, labels, True
-    if isinstance(spec, MeasuredRirSpec):
+        base_rir, base, _ = get_or_simulate(bank, spec.base)
+        rir, record = augment_rir(base_rir, base, spec)
+    elif isinstance(spec, MeasuredRirSpec):
         rir, labels = ingest(spec)
-        bank.save_rir(rir_id, rir, labels)
-        return rir, labels, True
-    calibration, _ = get_or_calibrate(bank, spec)
-    scale, rir, measured = place_in_range(spec, calibration.scale)
-    method, order = spec.method(scale)
-    labels = {
-        **measured.to_dict(),
-        "distance_m": round(spec.placement.distance, 4),
-        "rt60_method": "Schroeder backward integration, line fit -5..-25 dB (T20) / -5..-35 dB "
-        "(T30), extrapolated to 60 dB",
-        "target_rt60": spec.room.target_rt60,
-        "absorption_scale": scale,
-        "room_absorption_scale": calibration.scale,
-        "simulation": method,
-        "ism_order": order,
-        "simulator": version_for(spec.simulation),
-    }
-    bank.save_rir(rir_id, rir, labels)
-    return rir, labels, True
+        record = BankedRir.from_json(labels)
+    else:
+        calibration, _ = get_or_calibrate(bank, spec)
+        scale, rir, measured = place_in_range(spec, calibration.scale)
+        method, order = spec.method(scale)
+        record = BankedRir(
+            acoustics=measured,
+            distance_m=round(spec.placement.distance, 4),
+            target_rt60=spec.room.target_rt60,
+            simulation=method,
+            simulator=version_for(spec.simulation),
+            details={
+                "rt60_method": RT60_METHOD,
+                "absorption_scale": scale,
+                "room_absorption_scale": calibration.scale,
+                "ism_order": order,
+            },
+        )
+    bank.save_rir(rir_id, rir, record)
+    return rir, record, True
