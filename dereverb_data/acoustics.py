@@ -23,7 +23,8 @@ Conventions
   never falls that far, or the RIR ends less than ``TRUNCATION_MARGIN_DB`` (10 dB of decay
   at the fitted rate) after the fit range, where truncation would bias the fit.
 * **DRR** (:func:`drr_db`): ``10 log10(E[d-w, d+w] / E(d+w, end])``.
-* **C50** (:func:`clarity_db`): ``10 log10(E[d-w, d+50ms) / E[d+50ms, end])``.
+* **C50**, **C80** (:func:`clarity_db`): ``10 log10(E[d-w, d+50ms) / E[d+50ms, end])``, and
+  the same at 80 ms (ISO 3382's clarity for music).
 
 No noise compensation (e.g. Lundeby truncation) is applied: the measures are meant for
 simulated, noise-free RIRs.
@@ -288,6 +289,7 @@ class RirLabels:
     rt60_t30: float
     drr_db: float
     c50_db: float
+    c80_db: float
     direct_index: int
 
     def to_dict(self) -> dict:
@@ -297,10 +299,10 @@ class RirLabels:
 
 
 def measure_rir(rir: np.ndarray, fs: int) -> RirLabels:
-    """All labels of an RIR: T20, T30, DRR, C50 and the direct-path index.
+    """All labels of an RIR: T20, T30, DRR, C50, C80 and the direct-path index.
 
     The direct-path index is found once and shared by all measures. T20/T30 may be ``nan``
-    for a short RIR; DRR/C50 may be ``+inf`` when there is no energy after the window.
+    for a short RIR; DRR/C50/C80 may be ``+inf`` when there is no energy after the window.
     """
     h = _as_rir(rir)
     _check_fs(fs)
@@ -310,5 +312,6 @@ def measure_rir(rir: np.ndarray, fs: int) -> RirLabels:
         rt60_t30=reverberation_time(h, fs, decay_db=30.0, direct_index=d),
         drr_db=drr_db(h, fs, direct_index=d),
         c50_db=clarity_db(h, fs, early_ms=50.0, direct_index=d),
+        c80_db=clarity_db(h, fs, early_ms=80.0, direct_index=d),
         direct_index=d,
     )

@@ -122,6 +122,7 @@ class ExampleLabels:
     rt60_t30: float = _label()
     drr_db: float = _label()
     c50_db: float = _label()
+    c80_db: float | None = _label(since="2026-12")  # measured; NaN in stores built before
     distance_m: float = _label()  # source-microphone distance; NaN for measured RIRs
     simulation: str = _label(index=False)  # how the RIR was made
     snr_db: float | None = _label(since="2026-12")  # of the added noise; None without noise

@@ -1,4 +1,5 @@
-"""Tests for dereverb_data.acoustics: RT60 (T20/T30), DRR, C50 and the direct-path index."""
+"""Tests for dereverb_data.acoustics: RT60 (T20/T30), DRR, C50, C80 and the direct-path
+index."""
 
 from __future__ import annotations
 
@@ -151,6 +152,26 @@ def test_c50_known_value():
     assert clarity_db(h, fs, early_ms=80.0) > clarity_db(h, fs)
 
 
+def test_c80_label_is_the_energy_ratio_at_80_ms_and_at_least_c50():
+    fs, d = 16000, 300
+    h = exp_decay_rir(0.7, fs, d=d, seed=8)
+    # Pre-delay ringing, half inside the direct window (counted as early), half before it
+    # (ignored), so the window convention is checked, not just the 80 ms split.
+    w = round(DIRECT_WINDOW_MS * fs / 1000)
+    h[d - 2 * w : d] = 0.01
+    labels = measure_rir(h, fs)
+    assert labels.direct_index == d
+    # Independent reference, the same convention as C50: early [d - w, d + 80 ms), late after.
+    n80 = round(0.080 * fs)
+    energy = h.astype(np.float64) ** 2
+    expected = 10 * np.log10(energy[d - w : d + n80].sum() / energy[d + n80 :].sum())
+    assert labels.c80_db == pytest.approx(expected, abs=1e-9)
+    n50 = round(0.050 * fs)
+    c50 = 10 * np.log10(energy[d - w : d + n50].sum() / energy[d + n50 :].sum())
+    assert labels.c50_db == pytest.approx(c50, abs=1e-9)
+    assert labels.c80_db > labels.c50_db  # a decaying RIR: more of it is early at 80 ms
+
+
 def test_measure_rir_and_to_dict():
     fs = 16000
     h = exp_decay_rir(0.5, fs, d=123, seed=5)
@@ -161,8 +182,9 @@ def test_measure_rir_and_to_dict():
     assert labels.rt60_t30 == pytest.approx(0.5, rel=0.06)
     assert labels.drr_db == pytest.approx(drr_db(h, fs))
     assert labels.c50_db == pytest.approx(clarity_db(h, fs))
+    assert labels.c80_db == pytest.approx(clarity_db(h, fs, early_ms=80.0))
     d = labels.to_dict()
-    assert set(d) == {"rt60_t20", "rt60_t30", "drr_db", "c50_db", "direct_index"}
+    assert set(d) == {"rt60_t20", "rt60_t30", "drr_db", "c50_db", "c80_db", "direct_index"}
     assert type(d["direct_index"]) is int and type(d["rt60_t30"]) is float
     assert json.loads(json.dumps(d)) == d
     with pytest.raises(AttributeError):

@@ -12,6 +12,7 @@ import pytest
 import zarr
 from scipy.signal import fftconvolve
 
+from dereverb_data.acoustics import measure_rir
 from dereverb_data.build import build_serial, default_rir_cache, load_plan
 from dereverb_data.corpus import load_utterance
 from dereverb_data.manifest import load_manifest, parse_manifest
@@ -82,6 +83,63 @@ def test_index_invariants(demo_store: str) -> None:
         used[s : s + c] = True
     clean = group["clean"][:]
     assert not np.any(clean[~used])
+
+
+def test_c80_is_measured_on_each_examples_banked_rir(demo_store: str) -> None:
+    _, index = read_plain(demo_store)
+    assert index["c80_db"].dtype == np.float64 and np.all(np.isfinite(index["c80_db"]))
+    bank = RirBank(default_rir_cache(demo_store))
+    for row in range(index["example_id"].size):
+        rir, _ = bank.load_rir(str(index["rir_id"][row]))
+        assert index["c80_db"][row] == measure_rir(rir, 16000).c80_db
+    assert np.all(index["c80_db"] > index["c50_db"])
+
+
+SMALL = {
+    "name": "small",
+    "seed": 5,
+    "corpus": {"kind": "demo", "speakers": 3, "utterances_per_speaker": 1},
+    "variants_per_utterance": 1,
+    "rooms": {
+        "rooms_per_split": {"train": 1, "valid": 1, "test": 1},
+        "positions_per_room": 2,
+        "length_m": [4, 5],
+        "width_m": [3, 4],
+        "height_m": [2.5, 3],
+        "rt60_s": [0.3, 0.5],
+        "distance_m": [1.0, 2.0],
+    },
+    "splits": {"train": 0.34, "valid": 0.33, "test": 0.33},
+    "storage": {"frames_per_chunk": 128, "frames_per_shard": 1024},
+}
+
+
+def test_a_bank_from_before_a_label_existed_gets_it_measured(tmp_path: Path) -> None:
+    """RIRs banked before c80_db existed (its key stripped from each entry's labels) give a
+    store the same c80_db values as a fresh bank, and the same everything else."""
+    manifest = parse_manifest(SMALL)
+    fresh = str(tmp_path / "fresh.zarr")
+    build_serial(manifest, fresh)
+    old_bank = tmp_path / "old_bank"
+    shutil.copytree(default_rir_cache(fresh), old_bank)
+    entries = sorted(old_bank.rglob("*.npz"))
+    assert entries
+    for path in entries:
+        with np.load(path) as archive:
+            rir, labels = archive["rir"], json.loads(str(archive["labels"]))
+        del labels["c80_db"]
+        with path.open("wb") as f:
+            np.savez(f, rir=rir, labels=np.array(json.dumps(labels)))
+    old = str(tmp_path / "old.zarr")
+    report = build_serial(manifest, old, rir_cache=str(old_bank))
+    assert report["counts"]["rirs_simulated"] == 0  # nothing resimulated for the new label
+    _, a = read_plain(fresh)
+    _, b = read_plain(old)
+    assert np.all(np.isfinite(b["c80_db"])) and np.array_equal(a["c80_db"], b["c80_db"])
+    for name in a:
+        assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
+    with np.load(entries[0]) as archive:  # read, not rewritten: the bank is left as it was
+        assert "c80_db" not in json.loads(str(archive["labels"]))
 
 
 def test_measured_rt60_in_requested_range(demo_store: str) -> None:

@@ -56,8 +56,12 @@ def test_index_columns_are_the_planned_ones_and_the_indexed_label_fields() -> No
     assert [c.name for c in INDEX_COLUMNS] == [c.name for c in PLANNED_COLUMNS] + indexed
     dtypes = {c.name: c.dtype for c in INDEX_COLUMNS}
     assert dtypes["gain_limited"] == "bool" and dtypes["direct_index"] == "int64"
-    assert dtypes["snr_db"] == "float64" and dtypes["speaker"] == "str"
-    assert [c.name for c in INDEX_COLUMNS if c.optional] == ["snr_db"]
+    assert dtypes["snr_db"] == dtypes["c80_db"] == "float64" and dtypes["speaker"] == "str"
+    assert [c.name for c in INDEX_COLUMNS if c.optional] == ["c80_db", "snr_db"]
+    assert {c.name: c.since for c in INDEX_COLUMNS if c.optional} == {
+        "c80_db": "2026-12",
+        "snr_db": "2026-12",
+    }
 
 
 def test_labels_round_trip_and_older_rows_lack_later_fields() -> None:
@@ -66,8 +70,10 @@ def test_labels_round_trip_and_older_rows_lack_later_fields() -> None:
     plain = labels().to_json()
     assert "noise" not in plain and "augmented" not in plain  # as without noise before
     assert plain["snr_db"] is None
-    del plain["snr_db"]  # a labels file written before snr_db existed
+    del plain["snr_db"], plain["c80_db"]  # a labels file written before they existed
     assert ExampleLabels.from_json(plain).snr_db is None
+    assert ExampleLabels.from_json(plain).c80_db is None
+    assert ExampleLabels.from_json(labels(c80_db=9.5).to_json()).c80_db == 9.5
 
 
 def test_index_columns_type_values_and_missing_floats_are_nan() -> None:
@@ -79,17 +85,20 @@ def test_index_columns_type_values_and_missing_floats_are_nan() -> None:
     with pytest.raises(KeyError):
         index_columns([planned])  # a label missing is an error, not a silent NaN
     later = {**planned, **labels().index_values()}
-    del later["snr_db"]  # a column added later may be absent: NaN, as in older stores
+    del later["snr_db"], later["c80_db"]  # columns added later may be absent: NaN, as before
     assert np.isnan(index_columns([later])["snr_db"][0])
+    assert np.isnan(index_columns([later])["c80_db"][0])
 
 
 def test_a_store_without_a_later_column_reads_it_as_nan(synthetic: Path, tmp_path: Path) -> None:
     old = tmp_path / "old.zarr"
     shutil.copytree(synthetic, old)
     shutil.rmtree(old / "index" / "snr_db")
+    shutil.rmtree(old / "index" / "c80_db")
     store = open_store(old)
-    assert store.columns["snr_db"].shape == (store.n_examples,)
-    assert np.isnan(store.columns["snr_db"]).all()
+    for name in ("snr_db", "c80_db"):
+        assert store.columns[name].shape == (store.n_examples,)
+        assert np.isnan(store.columns[name]).all()
 
 
 def test_another_format_version_is_refused_in_one_line(synthetic: Path, tmp_path: Path) -> None:
