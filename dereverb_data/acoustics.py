@@ -281,6 +281,13 @@ def clarity_db(
     return _ratio_db(early, late)
 
 
+# How the RT60 labels are measured, recorded with every banked RIR.
+RT60_METHOD = (
+    "Schroeder backward integration, line fit -5..-25 dB (T20) / -5..-35 dB (T30), "
+    "extrapolated to 60 dB"
+)
+
+
 @dataclass(frozen=True)
 class RirLabels:
     """Acoustic labels of one RIR (times in s, ratios in dB, index in samples)."""

@@ -7,7 +7,14 @@ import json
 import numpy as np
 
 from .store import DatasetStore
-from .store_format import BUILD_DIR, SIGNALS, StoreError, StoreReader, open_store
+from .store_format import (
+    BUILD_DIR,
+    SIGNALS,
+    SUMMARY_LABELS,
+    StoreError,
+    StoreReader,
+    open_store,
+)
 
 
 def distribution(values: np.ndarray) -> dict:
@@ -47,8 +54,7 @@ def describe_store(url: str) -> dict:
         "size_on_disk_bytes": size,
         "bytes_per_second_of_audio": round(size / max(seconds, 1e-9), 1),
         "labels": {
-            name: distribution(index[name])
-            for name in ("rt60_t30", "rt60_t20", "drr_db", "c50_db", "distance_m")
+            name: distribution(index[name]) for name in ("rt60_t30", "rt60_t20", *SUMMARY_LABELS)
         },
         **_build_report_facts(url),
     }

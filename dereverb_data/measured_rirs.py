@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .acoustics import DIRECT_WINDOW_MS, direct_path_index, measure_rir
+from .acoustics import DIRECT_WINDOW_MS, RT60_METHOD, direct_path_index, measure_rir
 from .corpus import AudioError, Quarantined, file_hash, find_files, speaker_from_path
 from .manifest import MeasuredRirs
 from .seeds import stable_hash
@@ -159,8 +159,7 @@ def ingest(spec: MeasuredRirSpec) -> tuple[np.ndarray, dict]:
     return rir, {
         **labels.to_dict(),
         "distance_m": None,  # not known for a measurement: missing, not invented
-        "rt60_method": "Schroeder backward integration, line fit -5..-25 dB (T20) / -5..-35 dB "
-        "(T30), extrapolated to 60 dB",
+        "rt60_method": RT60_METHOD,
         "target_rt60": None,
         "simulation": "measured",
         "source": spec.rir.source,

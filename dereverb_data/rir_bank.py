@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .acoustics import RirLabels, measure_rir
+from .acoustics import RT60_METHOD, RirLabels, measure_rir
 from .fsio import read_bytes, url_to_fs, write_atomic
 from .manifest import OCTAVE_BANDS_HZ, Simulation
 from .measured_rirs import MeasuredRirSpec, MeasuredRoom, ingest
@@ -50,10 +50,6 @@ class SimulationError(RuntimeError):
     """The simulator cannot produce an RIR for this spec."""
 
 
-RT60_METHOD = (
-    "Schroeder backward integration, line fit -5..-25 dB (T20) / -5..-35 dB (T30), "
-    "extrapolated to 60 dB"
-)
 _ACOUSTIC_FIELDS = tuple(f.name for f in fields(RirLabels))
 _PROVENANCE_FIELDS = ("distance_m", "target_rt60", "simulation", "simulator")
 
@@ -115,11 +111,6 @@ class BankedRir:
             **{name: labels[name] for name in _PROVENANCE_FIELDS},
             details={k: v for k, v in labels.items() if k not in known},
         )
-
-    def __getitem__(self, key: str) -> Any:
-        """A field of the entry's JSON ``labels`` by its stored name (e.g. ``"drr_db"``,
-        ``"ism_order"``), for code that reads entries as the bank stores them."""
-        return self.to_json()[key]
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,10 @@ def _label_columns() -> tuple[Column, ...]:
 
 
 INDEX_COLUMNS: tuple[Column, ...] = (*PLANNED_COLUMNS, *_label_columns())
+# Summarised by their distribution over the examples (``inspect``, the build's report and its
+# Prefect artifact), after the RT60 (which they give with its own rules): a label listed here
+# appears in all three.
+SUMMARY_LABELS = ("drr_db", "c50_db", "c80_db", "distance_m")
 COLUMNS_BY_NAME = {c.name: c for c in INDEX_COLUMNS}
 if len(COLUMNS_BY_NAME) != len(INDEX_COLUMNS):  # a label field named like a planned column
     raise TypeError("an index column is defined twice in store_format")

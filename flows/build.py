@@ -25,6 +25,7 @@ from dereverb_data.lock import build_lock
 from dereverb_data.manifest import load_manifest
 from dereverb_data.rir_bank import RirBank
 from dereverb_data.store import DatasetStore
+from dereverb_data.store_format import SUMMARY_LABELS
 from dereverb_data.verify import forget_damaged_shards
 
 from . import scheduling
@@ -307,8 +308,8 @@ def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: d
         "| label | min | p10 | median | p90 | max |",
         "|---|---|---|---|---|---|",
     ]
-    for label in ("rt60_t30_s", "drr_db", "c50_db", "distance_m"):
-        d = s[label]
+    for label in ("rt60_t30_s", *SUMMARY_LABELS):
+        d = s.get(label, {})
         lines.append(
             f"| {label} | {d.get('min')} | {d.get('p10')} | {d.get('median')} | {d.get('p90')} | "
             f"{d.get('max')} |"

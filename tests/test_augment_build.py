@@ -156,17 +156,19 @@ def test_augmented_labels_moved_by_the_drawn_amounts(builds: dict) -> None:
             continue
         _, labels = bank.load_rir(spec.rir_id)
         _, base = bank.load_rir(spec.base.rir_id)
-        assert labels["drr_change_db"] == spec.drr_change_db
-        assert labels["rt60_factor"] == spec.rt60_factor
-        assert labels["base_rir_id"] == spec.base.rir_id
-        assert index["drr_db"][i] == labels["drr_db"]
+        assert labels.details["drr_change_db"] == spec.drr_change_db
+        assert labels.details["rt60_factor"] == spec.rt60_factor
+        assert labels.details["base_rir_id"] == spec.base.rir_id
+        assert index["drr_db"][i] == labels.acoustics.drr_db
         assert index["room_id"][i] == spec.base.room.room_id
-        if not labels["augmented"]:
-            assert labels["augment_refused"]
+        if not labels.augmented:
+            assert labels.details["augment_refused"]
             continue
         augmented += 1
-        assert abs(labels["drr_db"] - (base["drr_db"] + spec.drr_change_db)) < 0.5
-        assert abs(labels["rt60_t30"] / (base["rt60_t30"] * spec.rt60_factor) - 1) < 0.1
+        assert abs(labels.acoustics.drr_db - (base.acoustics.drr_db + spec.drr_change_db)) < 0.5
+        assert (
+            abs(labels.acoustics.rt60_t30 / (base.acoustics.rt60_t30 * spec.rt60_factor) - 1) < 0.1
+        )
     assert augmented >= 3
     assert builds["report"]["summary"]["augmented_examples"] >= augmented
     # Without augmentation, the other examples keep their RIRs and fingerprints.
@@ -213,17 +215,20 @@ def test_refused_augmentation_falls_back_to_the_base_rir(tmp_path: Path) -> None
     refused = AugmentedRirSpec(base, 1.0, 3.0)
     rir, labels, new = get_or_simulate(bank, refused)
     assert new and np.array_equal(rir, base_rir)
-    assert labels["augmented"] is False and "factor" in labels["augment_refused"]
-    assert labels["drr_db"] == base_labels["drr_db"] and labels["rt60_factor"] == 3.0
+    assert labels.augmented is False and "factor" in labels.details["augment_refused"]
+    assert (
+        labels.acoustics.drr_db == base_labels.acoustics.drr_db
+        and labels.details["rt60_factor"] == 3.0
+    )
     again, labels_again, new_again = get_or_simulate(bank, refused)
     assert not new_again and np.array_equal(again, rir) and labels_again == labels
     # A DRR change that needs more than the allowed direct gain is refused too.
     rir, labels, _ = get_or_simulate(bank, AugmentedRirSpec(base, 45.0, 1.0))
-    assert labels["augmented"] is False and np.array_equal(rir, base_rir)
+    assert labels.augmented is False and np.array_equal(rir, base_rir)
     ok_rir, ok, _ = get_or_simulate(bank, AugmentedRirSpec(base, -3.0, 0.8))
-    assert ok["augmented"] is True and not np.array_equal(ok_rir, base_rir)
-    assert abs(ok["drr_db"] - (base_labels["drr_db"] - 3.0)) < 0.5
-    assert abs(ok["rt60_t30"] / (0.8 * base_labels["rt60_t30"]) - 1) < 0.1
+    assert ok.augmented is True and not np.array_equal(ok_rir, base_rir)
+    assert abs(ok.acoustics.drr_db - (base_labels.acoustics.drr_db - 3.0)) < 0.5
+    assert abs(ok.acoustics.rt60_t30 / (0.8 * base_labels.acoustics.rt60_t30) - 1) < 0.1
     assert len({refused.rir_id, AugmentedRirSpec(base, 1.0, 2.9).rir_id, base.rir_id}) == 3
 
 
@@ -236,7 +241,7 @@ def test_refusals_in_a_build_never_fail_it(builds: dict) -> None:
     bank = RirBank(default_rir_cache(builds["first"]))
     for spec in plan.rirs.values():
         assert isinstance(spec, AugmentedRirSpec)
-        assert bank.load_rir(spec.rir_id)[1]["augmented"] is False
+        assert bank.load_rir(spec.rir_id)[1].augmented is False
 
 
 def test_manifest_sections_validate(tmp_path: Path) -> None:

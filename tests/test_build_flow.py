@@ -15,11 +15,12 @@ from scipy.signal import fftconvolve
 from dereverb_data.acoustics import measure_rir
 from dereverb_data.build import build_serial, default_rir_cache, load_plan
 from dereverb_data.corpus import load_utterance
+from dereverb_data.inspect import describe_store
 from dereverb_data.manifest import load_manifest, parse_manifest
 from dereverb_data.rir_bank import RirBank
 from dereverb_data.stft import StftConfig, istft
 from dereverb_data.store import DatasetStore
-from dereverb_data.store_format import StoreError, shard_checksum
+from dereverb_data.store_format import SUMMARY_LABELS, StoreError, shard_checksum
 
 from .conftest import DEMO_MANIFEST
 
@@ -93,6 +94,27 @@ def test_c80_is_measured_on_each_examples_banked_rir(demo_store: str) -> None:
         rir, _ = bank.load_rir(str(index["rir_id"][row]))
         assert index["c80_db"][row] == measure_rir(rir, 16000).c80_db
     assert np.all(index["c80_db"] > index["c50_db"])
+
+
+def test_summaries_describe_every_summary_label(demo_store: str) -> None:
+    """The build's report, its stored summary and ``inspect`` each give the distribution of
+    every label ``store_format.SUMMARY_LABELS`` names (c80_db among them since it was added
+    there), computed from the index itself."""
+    group, index = read_plain(demo_store)
+    described = describe_store(demo_store)
+    assert "c80_db" in SUMMARY_LABELS
+    for name in SUMMARY_LABELS:
+        values = index[name][np.isfinite(index[name])]
+        expected = {
+            "min": round(float(values.min()), 3),
+            "median": round(float(np.median(values)), 3),
+            "max": round(float(values.max()), 3),
+        }
+        for where, summary in (
+            ("store summary", group.attrs["summary"][name]),
+            ("inspect", described["labels"][name]),
+        ):
+            assert {k: summary[k] for k in expected} == expected, (where, name)
 
 
 SMALL = {

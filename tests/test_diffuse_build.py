@@ -40,7 +40,7 @@ def test_diffuse_build_is_complete_reproducible_and_in_range(tmp_path: Path) -> 
     labels = RirBank(str(tmp_path / "a.zarr" / "_build" / "rir_bank"))
     rir_id = str(a["index"]["rir_id"][0])
     _, saved = labels.load_rir(rir_id)
-    assert saved["simulation"] == "diffuse" and saved["simulator"].startswith("dereverb-diffuse")
+    assert saved.simulation == "diffuse" and saved.simulator.startswith("dereverb-diffuse")
 
 
 def test_existing_manifests_keep_their_rir_ids(tmp_path: Path) -> None:
