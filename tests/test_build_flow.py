@@ -287,23 +287,12 @@ def test_store_with_another_layout_is_refused_and_kept(demo_store: str, tmp_path
 
 def test_early_target_is_the_rir_up_to_the_window(tmp_path: Path) -> None:
     data = {
+        **SMALL,
         "name": "early",
         "seed": 3,
-        "corpus": {"kind": "demo", "speakers": 3, "utterances_per_speaker": 1},
-        "variants_per_utterance": 1,
-        "rooms": {
-            "rooms_per_split": {"train": 1, "valid": 1, "test": 1},
-            "positions_per_room": 1,
-            "length_m": [4, 5],
-            "width_m": [3, 4],
-            "height_m": [2.5, 3],
-            "rt60_s": [0.3, 0.5],
-            "distance_m": [1.0, 2.0],
-        },
+        "rooms": {**SMALL["rooms"], "positions_per_room": 1},
         "target": {"kind": "early", "early_ms": 50},
         "level": {"mode": "none"},
-        "splits": {"train": 0.34, "valid": 0.33, "test": 0.33},
-        "storage": {"frames_per_chunk": 128, "frames_per_shard": 1024},
     }
     manifest = parse_manifest(data)
     url = str(tmp_path / "early.zarr")
