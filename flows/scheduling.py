@@ -4,10 +4,10 @@ Every task run costs orchestration time (state updates, logs, moving between pro
 build ends when its last task does, so the flow (:mod:`flows.build`) asks this module:
 
 - **cost estimates**: seconds of work per room (its RIRs) and per shard (its audio);
-- **batching**: rooms are batched with the shards that need them, about ``TASKS_PER_SLOT``
-  batches per parallel slot, never much under ``MIN_TASK_SECONDS`` each, **tapered** (big ones
-  first, small ones last, so the workers finish together); shards that need no room (a repair)
-  in balanced batches of their own;
+- **batching**: rooms are batched with the shards that need them, up to ``TASKS_PER_SLOT``
+  batches per parallel slot, **tapered** (each round of batches ``TAPER_RATIO`` the size of the
+  one before, so the workers finish together) down to about ``MIN_TASK_SECONDS``; shards that
+  need no room (a repair) in balanced batches of their own;
 - **order**: the room batches are submitted first and the shard batches once no room batch
   waits for a worker (Dask runs later submissions first);
 - **the cold-cluster start**: while a local Dask cluster starts (seconds), the flow's own
@@ -102,8 +102,12 @@ def shards_by_room(
 # Batching
 # ---------------------------------------------------------------------------------------------
 
-TASKS_PER_SLOT = 4  # enough tasks to balance the load, few enough that orchestration is cheap
-MIN_TASK_SECONDS = 1.0  # a task run costs about 0.1-0.2 s of orchestration
+TASKS_PER_SLOT = 5  # enough tasks to balance the load, few enough that orchestration is cheap
+MIN_TASK_SECONDS = 1.0  # a task run costs about 0.2 s of orchestration
+# Each round of tapered batches (one per slot) costs this fraction of the round before: the
+# build ends when its last round does, so that one is small, while the early rounds are few
+# and big (with linear steps, 4 rounds left the last batches at 5 % of the build each).
+TAPER_RATIO = 0.5
 
 
 def batch_count(estimated_seconds: float, slots: int) -> int:
@@ -112,6 +116,24 @@ def batch_count(estimated_seconds: float, slots: int) -> int:
     one per slot so no worker idles."""
     wanted = math.ceil(estimated_seconds / MIN_TASK_SECONDS)
     return max(slots, min(TASKS_PER_SLOT * slots, wanted))
+
+
+def taper_weights(n: int, slots: int) -> list[float]:
+    """The relative cost of each of ``n`` tapered batches: ``slots`` batches per round, each
+    round ``TAPER_RATIO`` times the one before."""
+    return [TAPER_RATIO ** (b // max(1, slots)) for b in range(n)]
+
+
+def tapered_batch_count(estimated_seconds: float, slots: int) -> int:
+    """How many tapered batches to map: the most rounds, at most ``TASKS_PER_SLOT``, whose
+    last batches still hold ``MIN_TASK_SECONDS`` each (a small update gets few, big tasks),
+    and at least one round, so no worker idles."""
+    slots = max(1, slots)
+    for rounds in range(TASKS_PER_SLOT, 1, -1):
+        weights = taper_weights(rounds * slots, slots)
+        if estimated_seconds * weights[-1] / sum(weights) >= MIN_TASK_SECONDS:
+            return rounds * slots
+    return slots
 
 
 def balanced_batches(items: Sequence[T], costs: Sequence[float], n: int) -> list[list[T]]:
@@ -138,16 +160,15 @@ def tapered_batches(
 
     Workers take batches in order as they come free, so a build ends when its last batches
     do: if those are big, one worker finishes early and idles while another works through a
-    big one. Here the first ``slots`` batches get weight L, the next L - 1, ... and the last
-    ``slots`` weight 1 (L = n / slots levels), so the tail is small and the early batches
-    amortize their orchestration. Greedy: each item, costliest first, joins the batch furthest
-    below its share; ties by position, so the result is deterministic. Items keep their
-    original order inside a batch; batches come biggest first.
+    big one. Here each round of ``slots`` batches has ``TAPER_RATIO`` times the share of the
+    round before (:func:`taper_weights`), so the tail is small and the early batches amortize
+    their orchestration. Greedy: each item, costliest first, joins the batch furthest below
+    its share; ties by position, so the result is deterministic. Items keep their original
+    order inside a batch; batches come biggest first.
     """
     n = max(1, min(n, len(items)))
     slots = max(1, min(slots, n))
-    levels = math.ceil(n / slots)
-    weights = [levels - b // slots for b in range(n)]
+    weights = taper_weights(n, slots)
     total_cost = sum(costs)
     shares = [total_cost * w / sum(weights) for w in weights]
     totals = [0.0] * n
@@ -196,7 +217,8 @@ def schedule(pending: dict[str, Any], rooms: RoomUnits, taken: int, slots: int) 
     """The batches for ``slots`` parallel slots, after the first ``taken`` rooms (built one
     at a time while the cluster started): the rest of the rooms in tapered batches."""
     units, costs = rooms.units[taken:], rooms.costs[taken:]
-    batches = tapered_batches(range(len(units)), costs, batch_count(sum(costs), slots), slots)
+    n = tapered_batch_count(sum(costs), slots)
+    batches = tapered_batches(range(len(units)), costs, n, slots)
     room_batches = [([room], shards) for room, shards in rooms.units[:taken]]
     room_batches += [
         ([units[i][0] for i in batch], sorted({s for i in batch for s in units[i][1]}))

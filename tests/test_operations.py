@@ -27,6 +27,7 @@ from dereverb_data.manifest import Absorption, parse_manifest
 from dereverb_data.verify import verify_store
 from flows.scheduling import (
     MIN_TASK_SECONDS,
+    TAPER_RATIO,
     TASKS_PER_SLOT,
     balanced_batches,
     batch_count,
@@ -34,6 +35,8 @@ from flows.scheduling import (
     shard_costs,
     shard_rooms,
     shards_by_room,
+    taper_weights,
+    tapered_batch_count,
     tapered_batches,
 )
 
@@ -228,13 +231,37 @@ def test_tapered_batches_cover_every_item_once_and_shrink_towards_the_end(
         return
     assert len(batches) == n
     totals = [sum(costs[items.index(i)] for i in b) for b in batches]
-    levels = -(-len(batches) // slots)
-    weights = [levels - b // slots for b in range(len(batches))]
+    rounds = -(-len(batches) // slots)
+    weights = taper_weights(len(batches), slots)
+    # Written out: round r of `slots` batches weighs TAPER_RATIO ** r.
+    assert weights == [TAPER_RATIO ** (b // slots) for b in range(n)]
     shares = [sum(costs) * w / sum(weights) for w in weights]
     # Each batch within one item of its share: the last ones small, the first ones big.
     assert all(abs(t - s) <= max(costs) + 1e-9 for t, s in zip(totals, shares, strict=True))
-    if levels >= 3:
+    if rounds >= 3:
         assert sum(totals[:slots]) > sum(totals[-slots:])
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_tapered_batch_count_takes_the_most_rounds_whose_last_batches_are_worth_a_task(
+    slots: int,
+) -> None:
+    def last_batch_seconds(total: float, n: int) -> float:
+        weights = taper_weights(n, slots)
+        return total * weights[-1] / sum(weights)
+
+    assert tapered_batch_count(1e6 * MIN_TASK_SECONDS, slots) == TASKS_PER_SLOT * slots
+    assert tapered_batch_count(0.1 * MIN_TASK_SECONDS, slots) == slots  # a round at least
+    assert tapered_batch_count(0.0, slots) == slots
+    for total in (3.0, 10.0, 40.0, 90.0, 300.0):
+        n = tapered_batch_count(total * MIN_TASK_SECONDS, slots)
+        assert n % slots == 0 and slots <= n <= TASKS_PER_SLOT * slots
+        if n > slots:  # its last batches are worth a task run ...
+            assert last_batch_seconds(total * MIN_TASK_SECONDS, n) >= MIN_TASK_SECONDS
+        if n < TASKS_PER_SLOT * slots:  # ... and one more round's would not be
+            assert last_batch_seconds(total * MIN_TASK_SECONDS, n + slots) < MIN_TASK_SECONDS
+    # A 90 s build on 2 slots: 5 rounds, its last batches 1.5 s (1.6 % of the work each).
+    assert tapered_batch_count(90.0 * MIN_TASK_SECONDS, 2) == 10
 
 
 def test_shards_by_room_lists_each_shard_under_the_rooms_it_waits_for() -> None:
