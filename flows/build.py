@@ -29,7 +29,7 @@ from dereverb_data.store_format import SUMMARY_LABELS
 from dereverb_data.verify import forget_damaged_shards
 
 from . import scheduling
-from .runners import starts_local_cluster, task_runner
+from .runners import task_runner
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -267,12 +267,6 @@ def run_build(
     # Dask's own INFO lines (workers starting and closing) drown the build's progress.
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if starts_local_cluster(workers, dask_address):
-        from .local_dask import start_worker_forkserver
-
-        # Now, not when the flow enters its runner: the server's imports (seconds of one
-        # core) then overlap the flow's start and plan, when the second core idles.
-        start_worker_forkserver()
     runner = task_runner(workers, dask_address)
     flow = build_dataset.with_options(task_runner=runner)
     return flow(
