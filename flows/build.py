@@ -309,7 +309,7 @@ def markdown_summary(manifest_path: str, store_url: str, report: dict, counts: d
         "|---|---|---|---|---|---|",
     ]
     for label in ("rt60_t30_s", *SUMMARY_LABELS):
-        d = s.get(label, {})
+        d = s[label]  # build_report gives every one of them
         lines.append(
             f"| {label} | {d.get('min')} | {d.get('p10')} | {d.get('median')} | {d.get('p90')} | "
             f"{d.get('max')} |"
